@@ -1,0 +1,647 @@
+"""Tests for flexlora.py: each behaviour of the core, computed two ways where possible.
+
+    python -m pytest -q test_flexlora.py
+"""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import flexlora as fl
+from demo import Matrices, churn, train
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def set_lambda(layer, values):
+    """Give an adapter exactly these λ (resizing P and Q with fresh random directions)."""
+    values = torch.as_tensor(values, dtype=layer.P.dtype)
+    r, (d_out, d_in) = len(values), (layer.P.shape[0], layer.Q.shape[1])
+    layer.P = nn.Parameter(torch.randn(d_out, r, dtype=layer.P.dtype) * 0.3)
+    layer.Q = nn.Parameter(torch.randn(r, d_in, dtype=layer.Q.dtype) * 0.3)
+    layer.Lambda = nn.Parameter(values.clone())
+
+
+def matrices(n=4, d=8, r=3, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = Matrices(n, d).to(dtype)
+    fl.inject(model, r"mats\.\d+", r=r, alpha=2 * r)
+    return model
+
+
+def allocator(model, b0=1, interval=1, **kw):
+    """An allocator that allocates b0 at every step from t = 1 (constant schedule)."""
+    return fl.RankAllocator(model, b0=b0, t_warmup=0, t_final=0, total_steps=10 ** 6,
+                            interval=interval, schedule="constant", **kw)
+
+
+FLAT, PEAKED = [1.0, 1.0, 1.0], [5.0, 0.01, 0.0]  # entropy 1 and ≈ 0
+
+# -----------------------------------------------------------------------------
+# 1. the adapter
+
+
+def test_adapter_matches_dense_formula_in_float64():
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5, dtype=torch.float64)
+    layer = fl.FlexLoRALinear(base, r=3, alpha=6)
+    with torch.no_grad():
+        layer.Lambda.normal_()
+    x = torch.randn(2, 4, 7, dtype=torch.float64)
+    s = 6 / 3
+    W = base.weight + s * layer.P @ torch.diag(layer.Lambda) @ layer.Q  # W + s·P diag(λ) Q
+    expected = x @ W.T + base.bias
+    assert torch.allclose(layer(x), expected, atol=1e-12)
+    assert torch.allclose(layer.delta_weight(), s * layer.P @ torch.diag(layer.Lambda) @ layer.Q)
+
+
+def test_delta_w_is_zero_at_init_and_base_gets_no_gradient():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4)
+    layer = fl.FlexLoRALinear(base, r=2, alpha=4)
+    x = torch.randn(3, 6)
+    assert torch.equal(layer.delta_weight(), torch.zeros(4, 6))
+    assert torch.equal(layer(x), base(x))
+    layer(x).pow(2).sum().backward()
+    assert base.weight.grad is None and base.bias.grad is None
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert layer.Lambda.grad is not None and layer.Lambda.grad.abs().sum() > 0
+    assert layer.scaling == 2.0 and layer.r == 2
+
+
+# -----------------------------------------------------------------------------
+# 2. spectral entropy
+
+
+def test_spectral_entropy_values():
+    assert fl.spectral_entropy(torch.ones(8)).item() == pytest.approx(1.0, abs=1e-6)
+    assert fl.spectral_entropy(torch.tensor([0.0, 3.0, 0.0])).item() == pytest.approx(0.0, abs=1e-6)
+    assert fl.spectral_entropy(torch.tensor([2.5])).item() == 0.0  # r = 1: our convention
+    assert fl.spectral_entropy(torch.zeros(4)).item() == 0.0  # nothing learned yet
+    # a two-direction spectrum with energies 0.8/0.2 by hand: −(0.8 ln 0.8 + 0.2 ln 0.2) / ln 2
+    lam = torch.tensor([0.8, 0.2]).sqrt()
+    expected = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2)) / math.log(2)
+    assert fl.spectral_entropy(lam).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_spectral_entropy_is_sign_and_scale_safe():
+    torch.manual_seed(0)
+    lam = torch.randn(6)
+    ref = fl.spectral_entropy(lam)
+    assert fl.spectral_entropy(-lam) == ref
+    for scale in (1e-30, 1e30):
+        v = fl.spectral_entropy(lam * scale)
+        assert torch.isfinite(v) and v.item() == pytest.approx(ref.item(), abs=1e-6)
+    assert fl.spectral_entropy(torch.full((5,), 1e-30)).item() == pytest.approx(1.0, abs=1e-6)
+    assert fl.spectral_entropy(lam.bfloat16()).dtype == torch.float64  # computed wide
+    for _ in range(200):
+        v = fl.spectral_entropy(torch.randn(int(torch.randint(1, 20, ()))) ** 3).item()
+        assert 0.0 <= v <= 1.0
+
+
+# -----------------------------------------------------------------------------
+# 3. budget schedule
+
+
+def test_budget_window_and_cubic_decay():
+    b0, tw, tf, T = 8, 100, 200, 1100
+    bs = [fl.budget(t, b0, tw, tf, T) for t in range(0, T + 2)]
+    assert all(b == 0 for b in bs[: tw + 1])  # warm-up, t ≤ t_w
+    assert all(b == 0 for b in bs[T - tf + 1:])  # final phase, t > T − t_f
+    assert bs[tw + 1] == b0  # b0 just after the warm-up
+    assert all(x >= y for x, y in zip(bs, bs[1:]) if x > 0)  # never increasing in the window
+    t = tw + 400  # p = 0.5: 8 · 0.5³ = 1
+    assert fl.budget(t, b0, tw, tf, T) == round(b0 * (1 - 0.5) ** 3) == 1
+    t = tw + 100  # p = 0.125: 8 · 0.875³ = 5.36
+    assert fl.budget(t, b0, tw, tf, T) == 5
+
+
+def test_budget_constant_schedule():
+    assert [fl.budget(t, 3, 2, 2, 10, "constant") for t in range(12)] == [0, 0, 0] + [3] * 6 + [0, 0, 0]
+
+
+@pytest.mark.parametrize("args, msg", [
+    ((1, -1, 0, 0, 10), "b0"),
+    ((1, 2, -1, 0, 10), "t_warmup"),
+    ((1, 2, 0, -3, 10), "t_final"),
+    ((1, 2, 5, 5, 10), "total_steps"),
+    ((1, 2.5, 0, 0, 10), "b0"),
+])
+def test_budget_validates(args, msg):
+    with pytest.raises(ValueError, match=msg):
+        fl.budget(*args)
+    with pytest.raises(ValueError, match="schedule"):
+        fl.budget(1, 2, 0, 0, 10, schedule="linear")
+
+
+# -----------------------------------------------------------------------------
+# 4. orthogonal regulariser
+
+
+def test_orthogonal_regularizer():
+    model = matrices(n=2, d=8, r=3)
+    for layer in fl.adapters(model).values():  # orthonormal columns of P and rows of Q
+        layer.P = nn.Parameter(torch.linalg.qr(torch.randn(8, 3))[0])
+        layer.Q = nn.Parameter(torch.linalg.qr(torch.randn(8, 3))[0].T.contiguous())
+    R = fl.orthogonal_regularizer(model)
+    assert R.dim() == 0 and R.item() < 1e-5
+    R.backward()  # differentiable at the optimum: no NaN from the norm's gradient
+    assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if n.endswith((".P", ".Q")))
+
+    model = matrices(n=2, d=8, r=3)  # random init: by hand, mean over adapters
+    eye = torch.eye(3)
+    by_hand = sum(torch.linalg.norm(m.P.T @ m.P - eye) + torch.linalg.norm(m.Q @ m.Q.T - eye)
+                  for m in fl.adapters(model).values()) / 2
+    R = fl.orthogonal_regularizer(model)
+    assert R.item() > 1 and R.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    R.backward()
+    assert model.mats[0].P.grad.abs().sum() > 0 and model.mats[0].Lambda.grad is None
+    with pytest.raises(ValueError, match="inject"):
+        fl.orthogonal_regularizer(nn.Linear(2, 2))
+
+
+# -----------------------------------------------------------------------------
+# 5. one allocation
+
+
+def spectra_model():
+    """6 adapters with chosen spectra, so that the entropy order is known:
+    mats.0 and mats.1 are the most concentrated, mats.4 and mats.5 the flattest."""
+    model = matrices(n=6, d=8)
+    specs = [[1.0, -9.0, 0.01],  # lowest entropy; smallest |λ| is the last, −9 must survive
+             [3.0, 0.05, 0.5],
+             [3.0, 1.0, 0.5],
+             [2.0, 1.5, 1.0],
+             [1.0, 1.0, 0.9],
+             [1.0, -1.0, 1.0]]  # the flattest, sign does not matter
+    for layer, lam in zip(fl.adapters(model).values(), specs):
+        set_lambda(layer, lam)
+    return model
+
+
+def test_allocation_prunes_lowest_and_expands_highest_entropy():
+    model = spectra_model()
+    scores = [fl.spectral_entropy(m.Lambda).item() for m in fl.adapters(model).values()]
+    assert scores == sorted(scores)  # the spectra are in increasing entropy order
+    before = {n: m.Lambda.detach().clone() for n, m in fl.adapters(model).items()}
+    rec = allocator(model, b0=2).step(1)
+    assert rec["pruned"] == ["mats.0", "mats.1"] and rec["expanded"] == ["mats.5", "mats.4"]
+    assert rec["removed"] == {"mats.0": 2, "mats.1": 1}
+    assert fl.rank_pattern(model) == {"mats.0": 2, "mats.1": 2, "mats.2": 3, "mats.3": 3,
+                                      "mats.4": 4, "mats.5": 4}
+    assert model.mats[0].Lambda.tolist() == [1.0, -9.0]  # the large negative λ is kept
+    assert model.mats[5].Lambda.tolist() == before["mats.5"].tolist() + [0.0]
+
+
+def test_allocation_respects_r_min_and_r_max():
+    model = spectra_model()
+    set_lambda(model.mats[0], [7.0])  # at r_min = 1: cannot be pruned
+    rec = allocator(model, b0=1, r_max=3).step(1)  # everyone else at r_max = 3 except mats.0
+    assert rec["pruned"] == ["mats.1"] and rec["expanded"] == ["mats.0"]
+    model = spectra_model()
+    rec = allocator(model, b0=2, r_min=3, r_max=4).step(1)  # nobody above r_min = 3
+    assert rec["k"] == 0 and rec["pruned"] == rec["expanded"] == []
+
+
+def test_allocation_with_fewer_matrices_than_b_moves_what_it_can():
+    model = matrices(n=3, d=8)
+    for layer, lam in zip(fl.adapters(model).values(), (PEAKED, [2.0, 1.0, 0.5], FLAT)):
+        set_lambda(layer, lam)
+    rec = allocator(model, b0=8).step(1)  # 3 matrices, b = 8: k = 1 on each side
+    assert rec["b"] == 8 and rec["k"] == 1
+    assert rec["pruned"] == ["mats.0"] and rec["expanded"] == ["mats.2"]
+
+
+def test_ties_are_broken_by_name():
+    model = matrices(n=4, d=8)  # all λ = 0: every score is 0
+    rec = allocator(model, b0=1).step(1)
+    assert rec["pruned"] == ["mats.0"] and rec["expanded"] == ["mats.1"]
+
+
+def test_total_rank_is_conserved_over_hundreds_of_allocations():
+    torch.manual_seed(0)
+    model = matrices(n=7, d=8, r=3)
+    alloc = allocator(model, b0=3, r_min=1, r_max=6)
+    for t in range(1, 401):
+        with torch.no_grad():  # a new random spectrum everywhere, as training would give
+            for layer in fl.adapters(model).values():
+                layer.Lambda.copy_(torch.randn(layer.r) ** 3)
+        rec = alloc.step(t)
+        ranks = fl.rank_pattern(model).values()
+        assert sum(ranks) == 21 and all(1 <= r <= 6 for r in ranks)
+        assert not set(rec["pruned"]) & set(rec["expanded"])
+    assert len(alloc.history) == 400 and sum(h["k"] for h in alloc.history) > 400
+
+
+def test_allocation_schedule_follows_budget_and_interval():
+    model = matrices(n=6, d=8)
+    alloc = fl.RankAllocator(model, b0=4, t_warmup=10, t_final=20, total_steps=100, interval=5)
+    steps = [t for t in range(1, 101) if alloc.step(t) is not None]
+    expected = [t for t in range(11, 81) if (t - 10) % 5 == 0 and fl.budget(t, 4, 10, 20, 100) > 0]
+    assert steps == expected and steps[0] == 15
+
+
+# -----------------------------------------------------------------------------
+# 6. zero impact of an expansion, exact effect of a prune
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expansion_does_not_move_the_output(dtype):
+    model = spectra_model().to(dtype)
+    x = torch.randn(16, 8, dtype=dtype)
+    before = model(x)
+    rec = allocator(model, b0=2).step(1)
+    after = model(x)
+    assert after.dtype == before.dtype == dtype
+    for name in rec["expanded"]:  # outputs of the expanded matrices are unchanged
+        k = int(name.split(".")[1])
+        assert torch.allclose(after[:, k], before[:, k], atol=1e-6, rtol=0)
+        assert fl.adapters(model)[name].Lambda[-1].item() == 0.0
+
+
+def test_prune_removes_exactly_that_directions_contribution():
+    model = spectra_model().double()
+    x = torch.randn(16, 8, dtype=torch.float64)
+    old = {n: (m.P.detach().clone(), m.Lambda.detach().clone(), m.Q.detach().clone(), m.scaling)
+           for n, m in fl.adapters(model).items()}
+    before = model(x)
+    rec = allocator(model, b0=2).step(1)
+    after = model(x)
+    for name, i in rec["removed"].items():
+        P, lam, Q, s = old[name]
+        contribution = s * lam[i] * (x @ Q[i])[:, None] * P[:, i]  # s λ_i (qᵢ·x) p_i
+        k = int(name.split(".")[1])
+        assert torch.allclose(before[:, k] - after[:, k], contribution, atol=1e-12)
+        assert contribution.abs().max() > 0  # the check is not vacuous
+
+
+# -----------------------------------------------------------------------------
+# 7. the optimizer keeps working without being rebuilt
+
+
+def training_setup(optim="adamw"):
+    torch.manual_seed(0)
+    model = spectra_model()
+    head = nn.Linear(8, 1)
+    model.head = head  # a trainable non-adapter parameter, in its own param group
+    adapter_params = [p for n, p in model.named_parameters() if n.startswith("mats") and p.requires_grad]
+    groups = [{"params": adapter_params, "lr": 1e-2, "weight_decay": 0.01},
+              {"params": list(head.parameters()), "lr": 3e-3, "weight_decay": 0.0}]
+    if optim == "adamw":
+        opt = torch.optim.AdamW(groups)
+    else:
+        opt = torch.optim.SGD(groups, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + 0.01 * t))
+    return model, opt, sched
+
+
+def loss_target(x):
+    return x @ torch.randn(8, 6, generator=torch.Generator().manual_seed(5))  # learnable
+
+
+def loss_fn(model, x, y):
+    return (model.head(model(x)).squeeze(-1) - y).pow(2).mean()
+
+
+@pytest.mark.parametrize("optim, keys", [("adamw", ("exp_avg", "exp_avg_sq")), ("sgd", ("momentum_buffer",))])
+def test_optimizer_state_is_sliced_and_padded(optim, keys):
+    model, opt, sched = training_setup(optim)
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 8), torch.randn(32, 6)
+    for _ in range(3):
+        loss_fn(model, x, y).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    old_state = {n: {k: opt.state[p][k].clone() for k in keys}
+                 for n, p in model.named_parameters() if p.requires_grad}
+    rec = allocator(model, b0=2).step(1, opt)
+    pruned, i = rec["pruned"][0], rec["removed"][rec["pruned"][0]]
+    grown = rec["expanded"][0]
+    for f, dim in (("P", 1), ("Lambda", 0), ("Q", 0)):
+        p_new = getattr(fl.adapters(model)[pruned], f)
+        for k in keys:
+            old = old_state[f"{pruned}.{f}"][k]
+            keep = [j for j in range(old.shape[dim]) if j != i]
+            assert torch.equal(opt.state[p_new][k], old.index_select(dim, torch.tensor(keep)))
+        p_new = getattr(fl.adapters(model)[grown], f)
+        for k in keys:
+            old = old_state[f"{grown}.{f}"][k]
+            new = opt.state[p_new][k]
+            assert torch.equal(new.narrow(dim, 0, old.shape[dim]), old)
+            assert torch.equal(new.narrow(dim, old.shape[dim], 1), torch.zeros_like(new.narrow(dim, 0, 1)))
+    # groups untouched, every live parameter is driven by the optimizer, nothing stale kept
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == settings
+    live = {id(p) for p in model.parameters() if p.requires_grad}
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert live == held and set(map(id, opt.state)) <= live
+    assert sched.optimizer is opt
+
+
+def test_training_goes_on_after_allocations_with_the_previous_loss_alive():
+    model, opt, sched = training_setup("adamw")
+    alloc = allocator(model, b0=1, interval=5)
+    torch.manual_seed(1)
+    x = torch.randn(64, 8)
+    y = loss_target(x)
+    losses, loss = [], None
+    for t in range(1, 61):
+        loss = loss_fn(model, x, y)  # the previous step's `loss` (and its graph) was alive
+        loss.backward()  # until here, across the allocation at the end of the last step
+        opt.step()
+        sched.step()
+        alloc.step(t, opt)
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert len(alloc.history) == 12
+    assert losses[-1] < 0.5 * losses[0]
+    new = fl.adapters(model)[alloc.history[-2]["expanded"][0]].P  # a direction added late moves
+    assert new.grad is None and opt.state[new]["step"] > 0
+
+
+def test_in_place_resize_would_break_the_next_backward():
+    """The trap METHOD.md §5.7 describes, shown so that the test above is known to guard it."""
+    p = nn.Parameter(torch.randn(2, 4))
+    loss = (torch.randn(3, 4) @ p.T).sum()
+    loss.backward()
+    p.data = torch.randn(3, 4)  # resize in place while `loss`'s graph is alive
+    with pytest.raises(RuntimeError, match="invalid gradient"):
+        (torch.randn(3, 4) @ p.T).sum().backward()
+
+
+def test_optimizer_missing_the_adapter_is_reported():
+    model = spectra_model()
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ValueError, match="optimizer does not hold"):
+        allocator(model).step(1, opt)
+
+
+# -----------------------------------------------------------------------------
+# 8. determinism, our own generator, the adapter's dtype
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_same_run_and_different_seed_different_run():
+    kw = dict(planted=[0, 1, 2, 4], r0=2, steps=120, t_warmup=20, t_final=20, interval=5, d=16, b0=4)
+    (m1, a1, _), (m2, a2, _) = train(**kw, seed=3), train(**kw, seed=3)
+    assert a1.history == a2.history and len(a1.history) > 5
+    s1, s2 = state(m1), state(m2)
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    _, a3, _ = train(**kw, seed=4)
+    assert a3.history != a1.history
+
+
+def test_new_directions_come_from_the_allocators_generator_in_the_adapters_dtype():
+    model = spectra_model().to(torch.bfloat16)
+    alloc = allocator(model, b0=2, seed=7)
+    rng = torch.get_rng_state()
+    rec = alloc.step(1)
+    assert torch.equal(rng, torch.get_rng_state())  # the global RNG was not touched
+    layer = fl.adapters(model)[rec["expanded"][0]]
+    assert layer.P.dtype == layer.Q.dtype == layer.Lambda.dtype == torch.bfloat16
+    assert layer.P.device == layer.base.weight.device
+    assert 0.005 < layer.P[:, -1].float().std().item() < 0.05  # drawn like the init: σ = 0.02
+    g = torch.Generator().manual_seed(7)  # the same draw by hand
+    expected = (torch.randn(8, 1, generator=g) * fl.SIGMA_INIT).bfloat16()
+    assert torch.equal(fl.adapters(model)["mats.5"].P[:, -1:], expected)
+    x = torch.randn(4, 8).bfloat16()
+    assert torch.isfinite(model(x)).all()
+
+
+def test_allocator_state_dict_resumes_the_same_draws():
+    m1, m2 = spectra_model(), spectra_model()
+    a1, a2 = allocator(m1, b0=2), allocator(m2, b0=2)
+    a1.step(1)
+    a2.step(1)
+    sd = a1.state_dict()
+    a3 = allocator(m2, b0=2)
+    a3.load_state_dict(sd)
+    a1.step(2)
+    a3.step(2)
+    assert a3.history == a1.history
+    assert torch.equal(m1.mats[5].P, m2.mats[5].P)
+    with pytest.raises(ValueError, match="same settings"):
+        allocator(m2, b0=3).load_state_dict(sd)
+
+
+# -----------------------------------------------------------------------------
+# 9. merge and unmerge
+
+
+def test_merge_unmerge_exact_and_idempotent():
+    model = spectra_model()
+    x = torch.randn(16, 8)
+    w0 = {n: m.base.weight.detach().clone() for n, m in fl.adapters(model).items()}
+    ref = model(x)
+    fl.merge(model)
+    fl.merge(model)  # a second merge does nothing
+    assert torch.allclose(model(x), ref, atol=1e-6)
+    for n, m in fl.adapters(model).items():
+        assert m.merged and torch.allclose(m.base.weight, w0[n] + m.delta_weight(), atol=1e-6)
+    with pytest.raises(ValueError, match="unmerge"):
+        allocator(model).step(1)
+    fl.unmerge(model)
+    fl.unmerge(model)
+    for n, m in fl.adapters(model).items():
+        assert not m.merged and torch.allclose(m.base.weight, w0[n], atol=1e-6)
+    assert torch.allclose(model(x), ref, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# 10. save and load
+
+
+def test_save_load_round_trip_restores_ranks_and_outputs(tmp_path):
+    kw = dict(planted=[0, 1, 2, 4], r0=3, steps=100, t_warmup=10, t_final=10, interval=5, d=16)
+    model, alloc, _ = train(**kw)
+    ranks = fl.rank_pattern(model)
+    assert len(set(ranks.values())) > 1  # ranks really moved
+    path = tmp_path / "adapter.safetensors"
+    fl.save_adapter(model, str(path))
+    assert path.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
+    _, fresh = __import__("demo").make_problem(kw["planted"], d=16, seed=0)
+    fl.inject(fresh, r"mats\.\d+", r=1, alpha=9.0)  # another r and alpha
+    fl.load_adapter(fresh, str(path))
+    assert fl.rank_pattern(fresh) == ranks
+    assert all(m.scaling == 1.0 and m.r_init == 3 for m in fl.adapters(fresh).values())
+    x = torch.randn(8, 16)
+    assert torch.allclose(fresh(x), model(x), atol=1e-6)
+
+
+def test_save_load_restores_trainable_head(tmp_path):
+    model, opt, _ = training_setup()
+    with torch.no_grad():
+        model.head.weight.fill_(0.5)
+    fl.save_adapter(model, str(tmp_path / "a.safetensors"))
+    other, _, _ = training_setup()
+    fl.load_adapter(other, str(tmp_path / "a.safetensors"))
+    assert torch.equal(other.head.weight, model.head.weight)
+
+
+def test_load_mismatch_names_the_module(tmp_path):
+    model = matrices(n=3, d=8)
+    path = str(tmp_path / "a.safetensors")
+    fl.save_adapter(model, path)
+    fewer = Matrices(3, 8)
+    fl.inject(fewer, r"mats\.(0|1)", r=2, alpha=4)
+    with pytest.raises(ValueError, match=r"mats\.2"):
+        fl.load_adapter(fewer, path)
+    wider = Matrices(3, 12)
+    fl.inject(wider, r"mats\.\d+", r=2, alpha=4)
+    with pytest.raises(ValueError, match=r"adapter mats\.0"):
+        fl.load_adapter(wider, path)
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a flexlora"):
+        fl.load_adapter(model, str(tmp_path / "other.safetensors"))
+
+
+# -----------------------------------------------------------------------------
+# 11. patching Hugging Face models built from a config (no download)
+
+DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "attention.output.dense",
+                   "intermediate.dense", "output.dense"]
+
+
+def tiny_deberta():
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+    torch.manual_seed(0)
+    cfg = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return DebertaV2ForSequenceClassification(cfg).eval()
+
+
+def test_inject_deberta():
+    model = tiny_deberta()
+    ids = torch.randint(0, 100, (2, 10))
+    ref = model(input_ids=ids).logits
+    layers = fl.inject(model, DEBERTA_TARGETS, r=4, alpha=8, trainable=["classifier", "pooler"])
+    assert len(layers) == 12  # 6 matrices × 2 layers
+    assert not any("pooler" in n or "classifier" in n for n in layers)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias", "pooler.dense.weight", "pooler.dense.bias"} <= trainable
+    assert all(n.endswith((".P", ".Lambda", ".Q")) or n.startswith(("classifier", "pooler")) for n in trainable)
+    assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-6)  # ΔW = 0 at init
+    assert sum(1 for n in layers if n.endswith("attention.output.dense")) == 2
+
+
+def test_inject_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32,
+                                                num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=64, num_labels=5)).eval()
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    mlp = [n for n in linear_names if n.endswith(("mlp.fc1", "mlp.fc2", "intermediate.dense", "output.dense"))
+           and "attention" not in n]
+    targets = sorted({n.split(".", 3)[-1] for n in mlp})  # the MLP names this transformers has
+    layers = fl.inject(model, targets, r=2, alpha=4, trainable=["classifier"])
+    assert len(layers) == 4 and "classifier" not in layers
+    assert {n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n} == \
+        {"classifier.weight", "classifier.bias"}
+    px = torch.randn(2, 3, 16, 16)
+    assert model(pixel_values=px).logits.shape == (2, 5)
+
+
+def test_target_matching_rules():
+    model = tiny_deberta()
+    layers = fl.inject(model, ["output.dense"], r=1, alpha=1)  # suffix on a dot boundary
+    assert len(layers) == 4 and all(n.endswith("output.dense") for n in layers)
+    assert "pooler.dense" not in layers
+    model = tiny_deberta()
+    layers = fl.inject(model, [r"deberta\.encoder\.layer\.(0)\.attention\.self\.\w+_proj"], r=1, alpha=1)
+    assert sorted(layers) == [f"deberta.encoder.layer.0.attention.self.{k}_proj" for k in ("key", "query", "value")]
+    with pytest.raises(ValueError, match=re.escape("['_proj']")) as e:
+        fl.inject(tiny_deberta(), ["_proj"], r=1, alpha=1)
+    assert "deberta.encoder.layer.N.attention.self.query_proj" in str(e.value)  # lists what exists
+    with pytest.raises(ValueError, match="trainable"):
+        fl.inject(tiny_deberta(), ["query_proj"], r=1, alpha=1, trainable=["clasifier"])
+    model = tiny_deberta()
+    fl.inject(model, ["query_proj"], r=1, alpha=1)
+    with pytest.raises(ValueError, match="already"):
+        fl.inject(model, ["key_proj"], r=1, alpha=1)
+
+
+# -----------------------------------------------------------------------------
+# 12. bad arguments
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(r=0), "r must"), (dict(r=2.5), "r must"), (dict(alpha=0), "alpha"),
+    (dict(alpha=-1), "alpha"), (dict(dropout=1.0), "dropout"),
+])
+def test_adapter_validates(kw, msg):
+    args = dict(r=2, alpha=4.0) | kw
+    with pytest.raises(ValueError, match=msg):
+        fl.FlexLoRALinear(nn.Linear(4, 4), **args)
+    with pytest.raises(ValueError, match="nn.Linear"):
+        fl.FlexLoRALinear(nn.Conv1d(4, 4, 1), 2, 4.0)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(interval=0), "interval"), (dict(b0=-1), "b0"), (dict(total_steps=30), "total_steps"),
+    (dict(r_min=0), "r_min"), (dict(r_min=3, r_max=2), "r_max"), (dict(t_warmup=-5), "t_warmup"),
+    (dict(schedule="exp"), "schedule"),
+])
+def test_allocator_validates(kw, msg):
+    args = dict(b0=2, t_warmup=10, t_final=20, total_steps=100, interval=5) | kw
+    with pytest.raises(ValueError, match=msg):
+        fl.RankAllocator(matrices(n=2), **args)
+    with pytest.raises(ValueError, match="inject"):
+        fl.RankAllocator(nn.Linear(2, 2), b0=1, t_warmup=0, t_final=0, total_steps=10, interval=1)
+
+
+def test_diverged_training_is_reported_not_scored_as_nan():
+    model = spectra_model()
+    with torch.no_grad():
+        model.mats[3].Lambda[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite λ in \['mats.3'\]"):
+        allocator(model).step(1)
+
+
+# -----------------------------------------------------------------------------
+# 13. end to end: a student learns planted low-rank updates through many allocations
+
+
+def test_end_to_end_planted_teacher():
+    planted = [0, 0, 1, 2, 4, 8]
+    model, alloc, losses = train(planted, r0=3, steps=600, t_warmup=50, t_final=100, interval=10,
+                                 b0=2, d=16, seed=0)
+    assert len(alloc.history) >= 10 and sum(h["k"] for h in alloc.history) >= 10
+    assert all(sum(h["ranks"].values()) == 18 for h in alloc.history)
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-20:]) / 20 < 0.2 * losses[0]
+    removed, added = churn(alloc.history)
+    assert 0 <= removed <= added
+
+
+def test_churn_counts_a_direction_removed_at_the_next_allocation():
+    h = [dict(expanded=["a"], removed={}, ranks={"a": 3, "b": 2}),
+         dict(expanded=["b"], removed={"a": 2}, ranks={"a": 2, "b": 3}),  # a's new one (index 2)
+         dict(expanded=[], removed={"b": 0}, ranks={"a": 2, "b": 2})]  # not b's new one (index 2)
+    assert churn(h) == (1, 2)
+
+
+# -----------------------------------------------------------------------------
+# the README's usage snippet runs as written
+
+
+def test_readme_snippet_runs_and_prints_what_it_says(tmp_path, monkeypatch, capsys):
+    readme = Path(__file__).with_name("README.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- usage -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)  # the snippet saves adapter.safetensors
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    claimed = [line.split("  # ", 1)[1] for line in code.splitlines()
+               if line.startswith("print(") and "  # " in line]
+    assert printed == claimed
+    assert (tmp_path / "adapter.safetensors").exists()

@@ -301,13 +301,25 @@ class RankAllocator:
     Call step(t, optimizer) after optimizer.step() (and the LR scheduler's step), before
     zero_grad(), with t = the number of optimizer steps taken so far (1, 2, ...). At steps
     where b(t) > 0 and (t − t_warmup) is a multiple of `interval`, it prunes the smallest-|λ|
-    direction of the b lowest-entropy matrices and adds a λ = 0 direction to the b
-    highest-entropy ones, so the total rank stays constant.
+    direction of the b lowest-scoring matrices and adds a λ = 0 direction to the b
+    highest-scoring ones, so the total rank stays constant.
+
+    The defaults are the paper's rule. Options (each a departure from the paper):
+      score="energy": I(Λ_k) · ‖ΔW_k‖_F / max_j ‖ΔW_j‖_F, so that a matrix whose update is
+          tiny cannot look saturated (entropy alone is scale-invariant).
+      score="utilization": effective rank / r = exp(I log r) / r, which drops linearly with
+          idle directions where I = log(eff. rank) / log r hardly moves (16 used of 26: 0.85).
+      rank1_score: the score of a rank-1 matrix, 0 (the paper's limit: fully concentrated, so
+          it can never grow back) or 1 (a single direction counts as saturated).
+      protect: a direction added at step t0 is neither pruned nor counted in the score while
+          t − t0 ≤ protect, so it has time to learn before it is judged (its λ starts at 0,
+          which makes its matrix look concentrated and itself the smallest |λ|).
     """
 
     def __init__(self, model: nn.Module, b0: int, t_warmup: int, t_final: int, total_steps: int,
                  interval: int, r_min: int = 1, r_max: int = None, seed: int = 0,
-                 schedule: str = "cubic"):
+                 schedule: str = "cubic", score: str = "entropy", rank1_score: float = 0.0,
+                 protect: int = 0):
         _check_schedule(b0, t_warmup, t_final, total_steps, schedule)
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
@@ -315,15 +327,24 @@ class RankAllocator:
             raise ValueError(f"r_min must be an integer >= 1, got {r_min!r}")
         if r_max is not None and (not isinstance(r_max, int) or r_max < r_min):
             raise ValueError(f"r_max must be None (no cap) or an integer >= r_min={r_min}, got {r_max!r}")
+        if score not in ("entropy", "energy", "utilization"):
+            raise ValueError(f"score must be 'entropy' (the paper), 'energy' or 'utilization', got {score!r}")
+        if rank1_score not in (0, 1):
+            raise ValueError(f"rank1_score must be 0 (the paper) or 1, got {rank1_score!r}")
+        if not isinstance(protect, int) or protect < 0:
+            raise ValueError(f"protect must be a number of steps >= 0, got {protect!r}")
         self.model = model
         self.layers = adapters(model)
         if not self.layers:
             raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
         self.config = dict(b0=b0, t_warmup=t_warmup, t_final=t_final, total_steps=total_steps,
-                           interval=interval, r_min=r_min, r_max=r_max, seed=seed, schedule=schedule)
+                           interval=interval, r_min=r_min, r_max=r_max, seed=seed, schedule=schedule,
+                           score=score, rank1_score=rank1_score, protect=protect)
         # our own generator: same seed -> same new directions, on every process of a multi-GPU run
         self.generator = torch.Generator().manual_seed(seed)
         self.history = []
+        # the step at which each direction was added (None: there from the start)
+        self.born = {n: [None] * m.r for n, m in self.layers.items()}
 
     def spectra(self) -> dict:
         """{module name: λ as a float32 CPU tensor}, with one device-to-host copy in all."""
@@ -333,6 +354,35 @@ class RankAllocator:
             raise ValueError(f"non-finite λ in {bad[:3]}: training diverged; lower the learning rate")
         return dict(zip(self.layers, lams.split([m.r for m in self.layers.values()])))
 
+    @torch.no_grad()
+    def norms(self) -> dict:
+        """{module name: ‖ΔW‖_F}, from r×r Gram matrices: ‖P diag(λ) Q‖² = λᵀ (PᵀP ∘ QQᵀ) λ."""
+        sq = [m.scaling ** 2 * (m.Lambda.float() @ ((m.P.float().T @ m.P.float())
+                                                    * (m.Q.float() @ m.Q.float().T)) @ m.Lambda.float())
+              for m in self.layers.values()]
+        return dict(zip(self.layers, torch.stack(sq).clamp(min=0).sqrt().cpu().tolist()))
+
+    def scores(self, t: int, lams: dict) -> dict:
+        """{module name: importance}: I(Λ) of the directions old enough to be judged."""
+        c = self.config
+        out = {}
+        for name, lam in lams.items():
+            judged = lam[[i for i, t0 in enumerate(self.born[name]) if not self._young(t, t0)]]
+            if judged.numel() == 1:
+                out[name] = c["rank1_score"]
+            elif c["score"] == "utilization":  # effective rank / r = exp(I · log r) / r
+                out[name] = math.exp(float(spectral_entropy(judged)) * math.log(judged.numel())) / judged.numel()
+            else:
+                out[name] = float(spectral_entropy(judged))
+        if c["score"] == "energy":  # × the matrix's share of the largest update
+            norms = self.norms()
+            top = max(norms.values()) or 1.0
+            out = {n: v * norms[n] / top for n, v in out.items()}
+        return out
+
+    def _young(self, t, t0):
+        return t0 is not None and t - t0 <= self.config["protect"]
+
     def step(self, t: int, optimizer: torch.optim.Optimizer = None):
         """Run an allocation if one is due at step t. Returns its record, or None."""
         c = self.config
@@ -341,8 +391,11 @@ class RankAllocator:
             return None
         if any(m.merged for m in self.layers.values()):
             raise ValueError("an adapter is merged: call unmerge() before training on")
+        if any(len(self.born[n]) != m.r for n, m in self.layers.items()):
+            raise ValueError("adapter ranks changed behind the allocator's back: after "
+                             "load_adapter(), load the allocator's state_dict saved with it")
         lams = self.spectra()
-        scores = {n: float(spectral_entropy(lam)) for n, lam in lams.items()}
+        scores = self.scores(t, lams)
         ranks = {n: lam.numel() for n, lam in lams.items()}
 
         # 1) candidates, ties broken by name so that every process decides the same
@@ -357,16 +410,19 @@ class RankAllocator:
         pruned = prune[:k]
         expanded = [n for n in grow if n not in pruned][:k]
 
-        # 3) prune: drop the direction with the smallest |λ|
+        # 3) prune: drop the direction with the smallest |λ| (among those old enough)
         # Deviation (authors' code): they take the signed argmin, which can drop the strongest.
         removed = {}
         for name in pruned:
-            removed[name] = i = int(torch.argmin(lams[name].abs()))  # first index among ties
+            old = [i for i, t0 in enumerate(self.born[name]) if not self._young(t, t0)]
+            removed[name] = i = min(old, key=lambda j: (abs(lams[name][j].item()), j))
             keep = [j for j in range(ranks[name]) if j != i]
             _resize(self.layers[name], keep, False, self.generator, optimizer)
+            del self.born[name][i]
         # 4) expand: one new direction at λ = 0, appended as the last index
         for name in expanded:
             _resize(self.layers[name], list(range(ranks[name])), True, self.generator, optimizer)
+            self.born[name].append(t)
 
         record = dict(step=t, b=b, k=k, scores=scores, pruned=pruned, removed=removed,
                       expanded=expanded, ranks=rank_pattern(self.model))
@@ -374,17 +430,19 @@ class RankAllocator:
         return record
 
     def state_dict(self) -> dict:
-        return {"config": dict(self.config), "names": list(self.layers),
-                "generator": self.generator.get_state(), "history": list(self.history)}
+        return {"config": dict(self.config), "generator": self.generator.get_state(),
+                "born": {n: list(v) for n, v in self.born.items()}, "history": list(self.history)}
 
     def load_state_dict(self, d: dict):
         if d["config"] != self.config:
             raise ValueError(f"allocator state was saved with {d['config']}, this allocator has "
                              f"{self.config}: build it with the same settings to resume")
-        if d["names"] != list(self.layers):
-            raise ValueError("allocator state was saved for other adapters: inject the same "
-                             "target_modules (and load_adapter) before loading it")
+        ranks = rank_pattern(self.model)
+        if {n: len(v) for n, v in d["born"].items()} != ranks:
+            raise ValueError("allocator state does not fit the adapters: inject the same "
+                             "target_modules and load_adapter() the checkpoint saved with it first")
         self.generator.set_state(d["generator"])
+        self.born = {n: list(v) for n, v in d["born"].items()}
         self.history = list(d["history"])
 
 

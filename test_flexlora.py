@@ -609,6 +609,87 @@ def test_diverged_training_is_reported_not_scored_as_nan():
 
 
 # -----------------------------------------------------------------------------
+# variants of the rule (options; the defaults are the paper's)
+
+
+def two_matrices(lam_a, lam_b):
+    model = matrices(n=3 if len(lam_a) == 1 else 2, d=8)
+    set_lambda(model.mats[0], lam_a)
+    set_lambda(model.mats[1], lam_b)
+    return model
+
+
+def test_energy_score_does_not_let_a_tiny_flat_update_look_saturated():
+    tiny_flat, big_peaked = [1e-3, 1e-3, 1e-3], [1.0, 0.5, 0.1]
+    rec = allocator(two_matrices(tiny_flat, big_peaked)).step(1)  # the paper: entropy alone
+    assert rec["pruned"] == ["mats.1"] and rec["expanded"] == ["mats.0"]
+    rec = allocator(two_matrices(tiny_flat, big_peaked), score="energy").step(1)
+    assert rec["pruned"] == ["mats.0"] and rec["expanded"] == ["mats.1"]
+    # the score is I(Λ) · ‖ΔW‖_F / max ‖ΔW‖_F, with ‖ΔW‖_F of the real matrices
+    model = two_matrices(tiny_flat, big_peaked)
+    norms = {n: m.delta_weight().norm().item() for n, m in fl.adapters(model).items()}
+    rec = allocator(model, score="energy").step(1)
+    for n, lam in (("mats.0", tiny_flat), ("mats.1", big_peaked)):
+        I = fl.spectral_entropy(torch.tensor(lam)).item()
+        assert rec["scores"][n] == pytest.approx(I * norms[n] / max(norms.values()), rel=1e-5)
+
+
+def test_rank1_score_decides_whether_a_single_direction_can_grow_back():
+    def model():
+        m = two_matrices([5.0], [1.0, 0.6, 0.3])
+        m.mats[2].Lambda.data = torch.tensor([1.0, 0.9, 0.8])
+        return m
+    rec = allocator(model()).step(1)  # the paper's limit: I = 0 at r = 1
+    assert rec["scores"]["mats.0"] == 0 and rec["expanded"] == ["mats.2"]
+    rec = allocator(model(), rank1_score=1).step(1)  # a single direction counts as saturated
+    assert rec["scores"]["mats.0"] == 1 and rec["expanded"] == ["mats.0"] and rec["pruned"] == ["mats.1"]
+
+
+def test_utilization_score_is_effective_rank_over_rank():
+    half_used = [1.0] * 4 + [0.0] * 4  # 4 of 8 directions carry all the energy
+    rec = allocator(two_matrices(half_used, FLAT), score="utilization").step(1)
+    assert rec["scores"]["mats.0"] == pytest.approx(4 / 8, abs=1e-6)  # entropy gives log 4 / log 8
+    assert fl.spectral_entropy(torch.tensor(half_used)).item() == pytest.approx(2 / 3, abs=1e-6)
+    assert rec["scores"]["mats.1"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_protect_keeps_a_new_direction_out_of_pruning_and_scoring():
+    def run(protect):
+        model = two_matrices([1.0, 1.0, 0.5], [3.0, 0.1, 0.1])
+        alloc = allocator(model, b0=1, interval=5, protect=protect)
+        alloc.step(5)  # mats.0 (flatter) grows a λ = 0 direction, mats.1 shrinks to 2
+        model.mats[1].Lambda.data = torch.tensor([1.0, 1.0])  # now mats.1 is the flat one
+        return alloc.step(10), alloc
+    rec, _ = run(protect=0)  # the paper: the new λ = 0 lowers mats.0's entropy, and goes first
+    assert rec["pruned"] == ["mats.0"] and rec["removed"] == {"mats.0": 3}
+    assert rec["scores"]["mats.0"] == pytest.approx(fl.spectral_entropy(torch.tensor([1.0, 1, 0.5, 0])).item())
+    rec, alloc = run(protect=5)  # 5 steps old at t = 10: still protected (age <= protect)
+    assert rec["scores"]["mats.0"] == pytest.approx(fl.spectral_entropy(torch.tensor([1.0, 1, 0.5])).item())
+    assert rec["pruned"] == ["mats.0"] and rec["removed"] == {"mats.0": 2}  # the weakest old one
+    assert alloc.born["mats.0"] == [None, None, 5] and alloc.born["mats.1"] == [None, None, 10]
+    assert allocator(two_matrices(FLAT, FLAT), protect=5).state_dict()["born"] == \
+        {"mats.0": [None] * 3, "mats.1": [None] * 3}
+
+
+def test_protect_state_survives_a_resume():
+    model = two_matrices([1.0, 1.0, 1.0], [3.0, 0.1, 0.1])
+    alloc = allocator(model, b0=1, interval=5, protect=5)
+    alloc.step(5)
+    again = allocator(model, b0=1, interval=5, protect=5)
+    again.load_state_dict(alloc.state_dict())
+    assert again.born == alloc.born
+    with pytest.raises(ValueError, match="load_adapter"):
+        allocator(two_matrices(FLAT, FLAT), b0=1, interval=5, protect=5).load_state_dict(alloc.state_dict())
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(score="norm"), "score"), (dict(rank1_score=0.5), "rank1_score"),
+                                     (dict(protect=-1), "protect")])
+def test_variant_options_validate(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        allocator(matrices(n=2), **kw)
+
+
+# -----------------------------------------------------------------------------
 # 13. end to end: a student learns planted low-rank updates through many allocations
 
 

@@ -1,0 +1,541 @@
+"""What train_glue.py and train_vit.py share: the flags, the choice of method (FlexLoRA, or
+LoRA / AdaLoRA from PEFT at a matched trainable-parameter budget), the one training loop with
+evaluation and checkpoint/resume, and the outputs of a run.
+
+A run directory (--output_dir) ends up holding:
+    metrics.json         config, trainable-parameter counts, every evaluation, final and best, wall time
+    rank_history.json    every rank allocation (FlexLoRA's RankAllocator.history, AdaLoRA's masks)
+    adapter.safetensors  FlexLoRA: adapter + head, for flexlora.load_adapter (PEFT methods: adapter/)
+    ranks.png            final rank per layer x module type
+    rank_history.png     total rank per module type over training
+    checkpoint/          everything --resume needs (adapter, optimizer, LR scheduler, allocator, RNG)
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+import flexlora
+
+# -----------------------------------------------------------------------------
+# Flags shared by both scripts (each script adds its # data and # model groups and its defaults)
+
+
+def add_common_args(parser):
+    # flexlora (and the budget the baselines are matched to)
+    g = parser.add_argument_group("flexlora")
+    g.add_argument("--method", default="flexlora", choices=["flexlora", "lora", "adalora"],
+                   help="lora / adalora: PEFT baselines at FlexLoRA's trainable-parameter count")
+    g.add_argument("--target_modules", help="comma-separated Linear names to adapt (default: found)")
+    g.add_argument("--r", type=int, help="initial rank of every adapted matrix (FlexLoRA keeps Σr)")
+    g.add_argument("--alpha", type=float, help="scale s = alpha / r, fixed for the whole run")
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--b0", type=int, default=4, help="matrices pruned/expanded at the first allocation")
+    g.add_argument("--t_w", type=int, help="warm-up steps before the first allocation")
+    g.add_argument("--t_f", type=int, help="final steps without allocations")
+    g.add_argument("--delta", type=int, help="Δ: steps between allocations")
+    g.add_argument("--schedule", default="cubic", choices=["cubic", "constant"],
+                   help="b(t): the paper's cubic decay, or constant b0 (the authors' released code)")
+    g.add_argument("--r_min", type=int, default=1)
+    g.add_argument("--r_max", type=int, default=None, help="rank cap per matrix (default none)")
+    g.add_argument("--gamma", type=float, help="γ, weight of the orthogonal regulariser")
+    g.add_argument("--target_r", type=int, default=None,
+                   help="AdaLoRA only: final average rank (default round(2r/3), AdaLoRA's own ratio)")
+    # optimizer
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--batch_size", type=int, default=32)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--warmup_ratio", type=float, default=0.06, help="linear LR warm-up, then linear decay")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
+    # run
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=6, help="model head, data order, new directions (authors': 6)")
+    g.add_argument("--output_dir", help="default: runs/<script>-<task>-<method>-<time>")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --output_dir")
+    g.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR, with its settings")
+    g.add_argument("--stop_after", type=int, default=0,
+                   help="stop after this many steps, leaving a checkpoint (simulates an interruption)")
+    g.add_argument("--eval_every", type=int, default=1, help="epochs between evaluations (and at the end)")
+    g.add_argument("--ckpt_every", type=int, default=0, help="steps between checkpoints (0: at each eval)")
+    g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
+    g.add_argument("--eval_batch_size", type=int, default=64)
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--no_bf16", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--smoke", action="store_true", help="offline: tiny model, built-in data, < 1 min on CPU")
+
+
+# these may differ when a run is resumed; everything else comes from the saved run
+RUN_CONTROL = ("resume", "stop_after", "num_workers", "overwrite")
+
+
+def prepare_output_dir(args, name):
+    """Pick the run directory; refuse to touch a finished or running one unless asked to."""
+    if args.resume:
+        saved = os.path.join(args.resume, "checkpoint", "args.json")
+        if not os.path.exists(saved):
+            raise SystemExit(f"error: --resume {args.resume}: no checkpoint there ({saved} is missing)")
+        with open(saved) as f:
+            config = json.load(f)
+        print(f"resuming {args.resume} with its saved settings (other flags are ignored)")
+        config.update({k: getattr(args, k) for k in RUN_CONTROL})
+        config["output_dir"] = args.resume
+        vars(args).update(config)
+        return args
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{name}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    held = [f for f in ("metrics.json", "checkpoint", "adapter.safetensors", "adapter")
+            if os.path.exists(os.path.join(args.output_dir, f))]
+    if held and not args.overwrite:
+        raise SystemExit(f"error: --output_dir {args.output_dir} already holds a run ({', '.join(held)}): "
+                         f"pass --overwrite to replace it, or --resume {args.output_dir} to continue it")
+    for f in held:  # --overwrite: clear the old run's files, so nothing stale is mixed in
+        path = os.path.join(args.output_dir, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    return args
+
+
+def from_pretrained(cls, name, flag="--model", **kwargs):
+    """cls.from_pretrained(name, ...), with a clear message when the path or the Hub is not there."""
+    if not os.path.exists(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
+        raise SystemExit(f"error: {flag} {name}: no such local directory (a local checkpoint is a folder "
+                         f"with config.json and the weights, e.g. written by save_pretrained)")
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except OSError as e:
+        where = "local folder" if os.path.exists(name) else "Hugging Face Hub model"
+        raise SystemExit(f"error: {flag} {name}: could not load this {where} "
+                         f"({str(e).splitlines()[0]}). Offline? Pass {flag} PATH to a local checkpoint, "
+                         f"or --smoke for the built-in tiny model.") from None
+
+
+def fit_window(args, total_steps):
+    """Short runs: shrink t_w, t_f (and Δ) proportionally so that allocations still happen."""
+    t_w, t_f, delta = args.t_w, args.t_f, args.delta
+    if t_w + t_f + delta <= total_steps:
+        return
+    if t_w + t_f >= total_steps:
+        # keep t_w : t_f and let the two phases take 60% of the run (60-70% in the paper's GLUE runs)
+        f = 0.6 * total_steps / (t_w + t_f)
+        args.t_w, args.t_f, args.delta = round(t_w * f), round(t_f * f), max(1, round(delta * f))
+    args.delta = max(1, min(args.delta, total_steps - args.t_w - args.t_f))  # room for one allocation
+    if args.t_w + args.t_f + args.delta > total_steps:
+        raise ValueError(f"{total_steps} training steps are too few for any rank allocation: "
+                         f"train longer (--epochs, --max_train_samples) or lower --batch_size")
+    print(f"note: the allocation window t_w {t_w}, t_f {t_f}, Δ {delta} does not fit in {total_steps} "
+          f"steps; scaled to t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}")
+
+
+# -----------------------------------------------------------------------------
+# Methods: FlexLoRA, or LoRA / AdaLoRA from PEFT at the same trainable-parameter count
+
+
+def _matches(name, target):
+    # PEFT's and flexlora's rule: the whole module name, or a suffix after a dot
+    return name == target or name.endswith("." + target)
+
+
+def find_targets(model, candidates, override=None):
+    """The first list of target modules in `candidates` all of whose entries name a Linear of
+    `model` (module names differ between architectures), or --target_modules if given."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for targets in ([override.split(",")] if override else candidates):
+        if all(any(_matches(n, t) for n in names) for t in targets):
+            return list(targets)
+    known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in names})
+    raise ValueError(f"target modules {override or candidates} do not all match this model's Linear "
+                     f"layers; pass --target_modules a,b,c from: {known}")
+
+
+def count(params):
+    return sum(p.numel() for p in params)
+
+
+def setup_method(model, args, targets, trainable, total_steps):
+    """Adapt `model` with args.method. Returns (net, saved, allocator, counts).
+
+    net is what the loop calls: the model itself for FlexLoRA, PEFT's LoraModel / AdaLoraModel
+    for the baselines (AdaLoraModel.forward adds AdaLoRA's orthogonal penalty to out.loss;
+    PeftModel.forward would skip it); saved is what writes the adapter (the PeftModel for the
+    baselines); allocator is FlexLoRA's RankAllocator, else None.
+    """
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and any(_matches(n, t) for t in targets)}
+    K, r = len(linears), args.r
+    sum_d = sum(m.in_features + m.out_features for m in linears.values())  # Σ (d_in + d_out)
+    flex_count = r * (sum_d + K)  # one direction costs d_in + d_out + 1 (METHOD.md §1)
+    counts = dict(matrices=K, total_rank=r * K, flexlora_adapter=flex_count)
+    allocator = None
+    if args.method == "flexlora":
+        flexlora.inject(model, targets, r=r, alpha=args.alpha, dropout=args.lora_dropout, trainable=trainable)
+        allocator = flexlora.RankAllocator(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
+                                           total_steps=total_steps, interval=args.delta, r_min=args.r_min,
+                                           r_max=args.r_max, seed=args.seed, schedule=args.schedule)
+        net = saved = model
+        print(f"flexlora: {K} matrices, r = {r} (total rank {r * K}), alpha {args.alpha:g} "
+              f"(s = {args.alpha / r:.3g}), b0 {args.b0}, t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, "
+              f"{args.schedule} b(t), γ {args.gamma:g}")
+    else:
+        import peft
+
+        if args.method == "lora":
+            # the integer LoRA rank whose r·Σ(d_in + d_out) comes closest to FlexLoRA's count
+            r_lora = max(1, round(flex_count / sum_d))
+            config = peft.LoraConfig(r=r_lora, lora_alpha=args.alpha, lora_dropout=args.lora_dropout,
+                                     target_modules=targets, modules_to_save=list(trainable))
+            counts.update(lora_r=r_lora)
+            print(f"lora (PEFT): {K} matrices, r = {r_lora}, alpha {args.alpha:g}")
+        else:
+            # AdaLoRA's P, Λ, Q have FlexLoRA's shapes: init_r = r matches the count exactly; it then
+            # masks down to target_r on average (default 2/3 of r, AdaLoRA's 1.5 init/target ratio)
+            target_r = args.target_r or max(1, round(2 * r / 3))
+            config = peft.AdaLoraConfig(init_r=r, target_r=target_r, lora_alpha=args.alpha,
+                                        lora_dropout=args.lora_dropout, target_modules=targets,
+                                        modules_to_save=list(trainable), tinit=args.t_w, tfinal=args.t_f,
+                                        deltaT=args.delta, total_step=total_steps,
+                                        orth_reg_weight=args.gamma)  # PEFT averages over 2K factors: γ as is
+            counts.update(init_r=r, target_r=target_r)
+            print(f"adalora (PEFT): {K} matrices, init_r {r} -> target_r {target_r}, alpha {args.alpha:g}, "
+                  f"tinit {args.t_w}, tfinal {args.t_f}, deltaT {args.delta}, γ {args.gamma:g}")
+        saved = peft.get_peft_model(model, config)
+        net = saved.base_model
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    adapter = count(p for n, p in params if re.search(r"(lora_[ABE]|\.P|\.Lambda|\.Q)(\.|$)", n))
+    counts.update(adapter=adapter, head=count(p for _, p in params) - adapter,
+                  trainable=count(p for _, p in params), total=count(net.parameters()))
+    print(f"trainable parameters: adapters {adapter:,} + head {counts['head']:,} = {counts['trainable']:,} "
+          f"({100 * counts['trainable'] / counts['total']:.2f}% of {counts['total'] / 1e6:.1f}M); "
+          f"FlexLoRA's adapters at r = {r}: {flex_count:,}")
+    return net, saved, allocator, counts
+
+
+def current_ranks(net, args):
+    """{module name: rank} of the adapted matrices, whatever the method."""
+    if args.method == "flexlora":
+        return flexlora.rank_pattern(net)
+    import peft
+
+    model = net.model  # the PEFT-wrapped transformer; names as in the unwrapped model
+    ranks = {n: m.r["default"] for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    pattern = net.peft_config["default"].rank_pattern if args.method == "adalora" else None
+    for key, mask in (pattern or {}).items():  # AdaLoRA: directions left unmasked
+        ranks[key.replace(".lora_E.default", "")] = int(sum(mask))
+    return ranks
+
+
+def build_optimizer(net, args):
+    # AdamW; no decay on biases and norms (as HF's Trainer, which the authors' scripts use)
+    decay, no_decay = [], []
+    for n, p in net.named_parameters():
+        if p.requires_grad:
+            (no_decay if "bias" in n or "norm" in n.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written to checkpoint.tmp/, then swapped in, so a crash never leaves half of one
+
+
+def save_checkpoint(args, net, optimizer, scheduler, allocator, state):
+    out = os.path.join(args.output_dir, "checkpoint")
+    tmp, old = out + ".tmp", out + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if args.method == "flexlora":
+        flexlora.save_adapter(net, os.path.join(tmp, "adapter.safetensors"))
+        state["allocator"] = allocator.state_dict()
+    else:
+        from safetensors.torch import save_file
+
+        save_file({n: p.detach().contiguous() for n, p in net.named_parameters() if p.requires_grad},
+                  os.path.join(tmp, "adapter.safetensors"))
+        if args.method == "adalora":  # AdaLoRA's importance averages and its current masks
+            ra = net.rankallocator
+            state["adalora"] = dict(ipt=ra.ipt, exp_avg_ipt=ra.exp_avg_ipt, exp_avg_unc=ra.exp_avg_unc,
+                                    rank_pattern=net.peft_config["default"].rank_pattern)
+    state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    if os.path.exists(out):
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint_weights(args, net):
+    """Load the adapter saved in the checkpoint (do this before building the optimizer)."""
+    ckpt = os.path.join(args.output_dir, "checkpoint")
+    if not os.path.exists(ckpt) and os.path.exists(ckpt + ".old"):  # interrupted mid-swap
+        ckpt += ".old"
+    path = os.path.join(ckpt, "adapter.safetensors")
+    if args.method == "flexlora":
+        flexlora.load_adapter(net, path)  # new Parameter objects, with the saved ranks
+    else:
+        from safetensors.torch import load_file
+
+        missing, unexpected = net.load_state_dict(load_file(path), strict=False)
+        if unexpected:
+            raise ValueError(f"{path} does not fit this model: {unexpected[:3]}")
+    return torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def predict(net, dataset, collate, args):
+    """Logits and labels of a whole dataset, as numpy arrays (float32)."""
+    device = next(net.parameters()).device
+    net.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.eval_batch_size, collate_fn=collate,
+                                         num_workers=args.num_workers, generator=torch.Generator())
+    logits, labels = [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels.append(batch.pop("labels").float().cpu())
+        with autocast(args, device):
+            logits.append(net(**batch).logits.float().cpu())
+    net.train()
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def bf16(args, device):
+    return device.type == "cuda" and not args.no_bf16
+
+
+def autocast(args, device):
+    # bf16 autocast on CUDA (--no_bf16 to turn off); plain float32 on CPU
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16(args, device) else nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train(args, model, train_set, collate, evaluate, targets, trainable, score_key="score"):
+    """Fine-tune `model` with args.method and write every output of the run to args.output_dir.
+
+    train_set: a map-style dataset whose items `collate` turns into a batch dict with "labels";
+    evaluate(net) -> {metric: value}, with `score_key` the one that picks the best evaluation.
+    Returns metrics.json's content, or None when --stop_after ends the run early.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    T = args.epochs * steps_per_epoch  # total optimizer steps
+    fit_window(args, T)
+    model.to(device)
+    net, saved, allocator, counts = setup_method(model, args, targets, trainable, T)
+
+    # resume: the adapter first (new Parameter objects), then the optimizer built on them
+    state = load_checkpoint_weights(args, net) if args.resume else {}
+    optimizer = build_optimizer(net, args)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)
+    history, evals, start, elapsed = [], [], 0, 0.0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if allocator is not None:
+            allocator.load_state_dict(state["allocator"])
+        if "adalora" in state:
+            ra, s = net.rankallocator, state["adalora"]
+            ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc = s["ipt"], s["exp_avg_ipt"], s["exp_avg_unc"]
+            net.peft_config["default"].rank_pattern = s["rank_pattern"]
+        torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history, evals, start, elapsed = state["history"], state["evals"], state["step"], state["elapsed"]
+        print(f"resumed at step {start} of {T}")
+    initial_ranks = state.get("initial_ranks") or current_ranks(net, args)
+    eval_steps = args.eval_every * steps_per_epoch
+    ckpt_steps = args.ckpt_every or eval_steps
+    print(f"{len(train_set):,} training examples, batch {args.batch_size}: {steps_per_epoch} steps/epoch, "
+          f"{T} steps; device {device}" + (" (bf16 autocast)" if bf16(args, device) else ""))
+
+    def epoch_loader(epoch, skip):
+        # the data order of an epoch depends on (seed, epoch) only, so a resumed run sees the same
+        # batches; the generator keeps the DataLoader off the global RNG (dropout's)
+        order = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
+        return iter(torch.utils.data.DataLoader(train_set, batch_size=args.batch_size,
+                                                sampler=order[skip * args.batch_size:].tolist(),
+                                                collate_fn=collate, num_workers=args.num_workers,
+                                                generator=torch.Generator()))
+
+    net.train()
+    batches, t0, tick = None, time.time(), time.time()
+    loss_sum, orth_sum, n_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    pbar = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True)
+    for step in range(start, T):
+        epoch, i = divmod(step, steps_per_epoch)
+        if batches is None or i == 0:
+            batches = epoch_loader(epoch, i)
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+
+        # forward, backward, step
+        with autocast(args, device):
+            loss = net(**batch).loss  # task loss (+ AdaLoRA's γ·R, added by PEFT)
+        loss_sum += loss.detach()
+        if args.method == "flexlora":
+            # flexlora's R is a mean over adapters of both factors' terms, twice the authors'
+            # normalisation (a mean over the 2K factors): 0.5·γ·R keeps METHOD.md's γ
+            orth = flexlora.orthogonal_regularizer(net)
+            orth_sum += orth.detach()
+            loss = loss + 0.5 * args.gamma * orth
+        loss.backward()
+        params = [p for g in optimizer.param_groups for p in g["params"]]  # current objects
+        if args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        t = step + 1  # optimizer steps taken
+
+        # rank allocation: after optimizer.step() and the LR scheduler, before zero_grad()
+        if args.method == "flexlora":
+            record = allocator.step(t, optimizer)  # swaps Parameters and re-points the optimizer
+            if record:
+                history.append(record)
+        elif args.method == "adalora":
+            pattern = net.peft_config["default"].rank_pattern
+            net.update_and_allocate(t)  # PEFT: every step (importance EMA), masks every deltaT
+            if net.peft_config["default"].rank_pattern is not pattern:  # a new mask was set
+                ranks = current_ranks(net, args)
+                history.append(dict(step=t, total=sum(ranks.values()), ranks=ranks))
+        optimizer.zero_grad(set_to_none=True)
+        n_logged += 1
+        pbar.update(1)
+
+        # one log line every log_every steps
+        if t % args.log_every == 0 or t == T:
+            ms = 1000 * (time.time() - tick) / n_logged
+            line = f"step {t} | loss {loss_sum.item() / n_logged:.4f}"
+            if args.method == "flexlora":
+                c = allocator.config
+                b = flexlora.budget(t, c["b0"], c["t_warmup"], c["t_final"], T, c["schedule"])
+                line += f" | orth {orth_sum.item() / n_logged:.4f} | b(t) {b}"
+            line += f" | rank {sum(current_ranks(net, args).values())} | lr {scheduler.get_last_lr()[0]:.1e}"
+            pbar.write(line + f" | {ms:.0f} ms/step")
+            loss_sum.zero_(), orth_sum.zero_()
+            n_logged, tick = 0, time.time()
+
+        # evaluate every eval_every epochs and at the end
+        if t % eval_steps == 0 or t == T:
+            tic = time.time()
+            metrics = evaluate(net)
+            evals.append(dict(step=t, epoch=round(t / steps_per_epoch, 3), **metrics))
+            pbar.write(f"eval step {t}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            tick += time.time() - tic  # evaluation does not count as step time
+        # checkpoint (and a stop, to simulate an interruption)
+        stop = t == args.stop_after and t < T
+        if t % ckpt_steps == 0 or stop:
+            state = dict(step=t, history=history, evals=evals, initial_ranks=initial_ranks,
+                         elapsed=elapsed + time.time() - t0)
+            save_checkpoint(args, net, optimizer, scheduler, allocator, state)
+        if stop:
+            pbar.close()
+            print(f"stopped after step {t} (--stop_after); continue with --resume {args.output_dir}")
+            return None
+    pbar.close()
+    elapsed += time.time() - t0
+
+    # outputs: metrics, rank history, adapter, pictures
+    best = max(evals, key=lambda e: e[score_key])
+    final_ranks = current_ranks(net, args)
+    counts["final_total_rank"] = sum(final_ranks.values())
+    if args.method == "flexlora":  # rank moves between matrices of different shapes (METHOD.md §1)
+        layers = flexlora.adapters(net).values()
+        counts["final_adapter"] = sum(m.r * (m.P.shape[0] + m.Q.shape[1] + 1) for m in layers)
+    result = dict(config=vars(args), counts=counts, evals=evals, final=evals[-1], best=best,
+                  allocation_stats=allocation_stats(history) if args.method == "flexlora" else None,
+                  wall_time_s=round(elapsed, 1), train_steps=T, device=str(device))
+    write_json(os.path.join(args.output_dir, "metrics.json"), result)
+    write_json(os.path.join(args.output_dir, "rank_history.json"),
+               dict(method=args.method, initial=initial_ranks, history=history, final=final_ranks))
+    if args.method == "flexlora":
+        flexlora.save_adapter(net, os.path.join(args.output_dir, "adapter.safetensors"))
+    else:
+        saved.save_pretrained(os.path.join(args.output_dir, "adapter"))  # PEFT's adapter format
+    plot_ranks(final_ranks, initial_ranks, history, T, args.output_dir, args.method)
+    print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items() if k not in ("step", "epoch")))
+    print(f"best (step {best['step']}): {score_key} {best[score_key]:.4f}; {elapsed:.0f} s; "
+          f"outputs in {args.output_dir}")
+    return result
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def allocation_stats(history):
+    """Prune/expand oscillation (METHOD.md §5): added directions removed at the very next
+    allocation, and matrices that flip between the prune and expand sets."""
+    expanded = sum(len(h["expanded"]) for h in history)
+    removed_next = flips = 0
+    for prev, cur in zip(history, history[1:]):
+        # a new direction is appended last: index prev_rank - 1 until the next allocation
+        removed_next += sum(cur["removed"].get(n) == prev["ranks"][n] - 1 for n in prev["expanded"])
+        flips += len(set(prev["expanded"]) & set(cur["pruned"]))  # grown, then pruned
+        flips += len(set(prev["pruned"]) & set(cur["expanded"]))  # pruned, then grown
+    return dict(allocations=len(history), expanded=expanded, pruned=sum(len(h["pruned"]) for h in history),
+                added_removed_at_next=removed_next, flips=flips)
+
+
+# -----------------------------------------------------------------------------
+# Pictures: where the rank went
+
+
+def _layer_and_type(name):
+    # "deberta.encoder.layer.3.attention.self.query_proj" -> (3, "attention.self.query_proj")
+    m = re.search(r"\.(\d+)\.(.+)$", name)
+    return (int(m[1]), m[2]) if m else (0, name)
+
+
+def plot_ranks(final, initial, history, T, out_dir, method):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # final rank per layer x module type
+    parsed = {n: _layer_and_type(n) for n in final}
+    layers = sorted({l for l, _ in parsed.values()})
+    types = list(dict.fromkeys(ty for _, ty in parsed.values()))
+    grid = np.full((len(types), len(layers)), np.nan)
+    for n, (l, ty) in parsed.items():
+        grid[types.index(ty), layers.index(l)] = final[n]
+    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * len(layers), 1 + 0.45 * len(types)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for (y, x), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(x, y, int(v), ha="center", va="center", color="w", fontsize=8)
+    ax.set(xticks=range(len(layers)), xticklabels=layers, yticks=range(len(types)), yticklabels=types,
+           xlabel="layer", title=f"{method}: final rank (total {int(np.nansum(grid))})")
+    fig.colorbar(im, ax=ax)
+    fig.savefig(os.path.join(out_dir, "ranks.png"), dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    # total rank per module type over training
+    points = [(0, initial)] + [(h["step"], h["ranks"]) for h in history] + [(T, final)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for ty in types:
+        ys = [sum(r for n, r in ranks.items() if _layer_and_type(n)[1] == ty) for _, ranks in points]
+        ax.step([s for s, _ in points], ys, where="post", label=ty)
+    ax.set(xlabel="step", ylabel="total rank", title=f"{method}: rank per module type")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(os.path.join(out_dir, "rank_history.png"), dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -139,7 +139,8 @@ def test_resume_adalora(tmp_path):
 
 def method_args(method, r=4):
     return argparse.Namespace(method=method, r=r, alpha=8.0, lora_dropout=0.0, b0=2, t_w=2, t_f=4, delta=1,
-                              r_min=1, r_max=None, seed=0, schedule="cubic", gamma=0.1, target_r=None)
+                              r_min=1, r_max=None, seed=0, schedule="cubic", gamma=0.1, target_r=None,
+                              score="entropy", rank1_score=0, protect=0)
 
 
 @pytest.mark.parametrize("r", [4, 12])

@@ -47,6 +47,12 @@ def add_common_args(parser):
                    help="b(t): the paper's cubic decay, or constant b0 (the authors' released code)")
     g.add_argument("--r_min", type=int, default=1)
     g.add_argument("--r_max", type=int, default=None, help="rank cap per matrix (default none)")
+    # departures from the paper's rule (flexlora.RankAllocator's options; defaults = the paper)
+    g.add_argument("--score", default="entropy", choices=["entropy", "energy", "utilization"],
+                   help="matrix score: the paper's entropy, or entropy x update norm, or eff. rank / r")
+    g.add_argument("--rank1_score", type=int, default=0, choices=[0, 1],
+                   help="score of a rank-1 matrix: 0 (the paper: can never grow back) or 1")
+    g.add_argument("--protect", type=int, default=0, help="steps a new direction is safe from pruning")
     g.add_argument("--gamma", type=float, help="γ, weight of the orthogonal regulariser")
     g.add_argument("--target_r", type=int, default=None,
                    help="AdaLoRA only: final average rank (default round(2r/3), AdaLoRA's own ratio)")
@@ -181,11 +187,15 @@ def setup_method(model, args, targets, trainable, total_steps):
         flexlora.inject(model, targets, r=r, alpha=args.alpha, dropout=args.lora_dropout, trainable=trainable)
         allocator = flexlora.RankAllocator(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
                                            total_steps=total_steps, interval=args.delta, r_min=args.r_min,
-                                           r_max=args.r_max, seed=args.seed, schedule=args.schedule)
+                                           r_max=args.r_max, seed=args.seed, schedule=args.schedule,
+                                           score=args.score, rank1_score=args.rank1_score,
+                                           protect=args.protect)
         net = saved = model
         print(f"flexlora: {K} matrices, r = {r} (total rank {r * K}), alpha {args.alpha:g} "
               f"(s = {args.alpha / r:.3g}), b0 {args.b0}, t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, "
-              f"{args.schedule} b(t), γ {args.gamma:g}")
+              f"{args.schedule} b(t), γ {args.gamma:g}, score {args.score}"
+              + (f" (rank-1 score {args.rank1_score}, protect {args.protect})"
+                 if args.rank1_score or args.protect else ""))
     else:
         import peft
 
@@ -374,7 +384,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         return iter(torch.utils.data.DataLoader(train_set, batch_size=args.batch_size,
                                                 sampler=order[skip * args.batch_size:].tolist(),
                                                 collate_fn=collate, num_workers=args.num_workers,
-                                                generator=torch.Generator()))
+                                                pin_memory=device.type == "cuda", generator=torch.Generator()))
 
     net.train()
     batches, t0, tick = None, time.time(), time.time()

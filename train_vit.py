@@ -174,6 +174,7 @@ def load_data(args):
         data = {"train": smoke_images(256, args.seed), "test": smoke_images(64, args.seed + 1)}
     else:
         data = load_hub(args.dataset)
+    n_classes = int(np.max(data["train"][1])) + 1  # from the whole training set, before any subset
     if args.vtab1k:  # VTAB-1k: 1000 training images, 800 to train on, 200 to evaluate on
         order = np.random.default_rng(args.seed).permutation(len(data["train"][1]))[:1000]
         data = {"train": take(*data["train"], order[:800]), "test": take(*data["train"], order[800:])}
@@ -184,7 +185,6 @@ def load_data(args):
     y_train, y_test = data["train"][1], data["test"][1]
     if y_train.min() < 0 or y_test.min() < 0:
         raise ValueError("labels must be integers >= 0 (class indices)")
-    n_classes = int(y_train.max()) + 1
     if y_test.max() >= n_classes:
         raise ValueError(f"test labels go up to {int(y_test.max())}, training labels only to {n_classes - 1}: "
                          f"labels must be class indices 0 .. n-1 shared by both splits")

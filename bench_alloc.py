@@ -177,7 +177,7 @@ def run(problem, variant, seed, b0=2, interval=20, lr=1e-2, gamma=0.1):
 
 def report(student, alloc, deltas, losses, r0, steps):
     layers = fl.adapters(student)
-    names = list(layers)
+    names = [n for n, m in student.named_modules() if m in layers.values()]  # model order
     planted = [int(torch.linalg.matrix_rank(deltas[n]).item()) for n in names]
     final = [layers[n].r for n in names]
     history = alloc.history if alloc else []
@@ -196,7 +196,7 @@ def report(student, alloc, deltas, losses, r0, steps):
     ref = sum(deltas[n].pow(2).sum() for n in names)
     idle = sum(f - 1 for f, p in zip(final, planted) if p == 0)  # above r_min on no-need matrices
     starved = sum(f < p for f, p in zip(final, planted))
-    return dict(planted=planted, final=final, avg=[round(a, 2) for a in avg],
+    return dict(names=names, planted=planted, final=final, avg=[round(a, 2) for a in avg],
                 spearman_final=spearman(planted, final), spearman_avg=spearman(planted, avg),
                 idle_rank=idle, starved=starved, starved_while_idle=starved if idle else 0,
                 loss=sum(losses[-50:]) / 50, loss0=losses[0],
@@ -237,23 +237,26 @@ def table(results, problems, variants):
 
 
 def plot(results, problems, variants, path):
+    """Planted rank vs final rank (mean over seeds) per matrix, for a few variants."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(problems), figsize=(6 * len(problems), 4), squeeze=False)
+    shown = [v for v in ("paper", "util", "energy", "long warm-up") if v in variants]
+    fig, axes = plt.subplots(1, len(problems), figsize=(5.5 * len(problems), 3.8), squeeze=False)
     for ax, p in zip(axes[0], problems):
         planted = results[p][variants[0]][0]["planted"]
-        x = range(len(planted))
+        x = list(range(len(planted)))
         ax.bar(x, planted, color="lightgray", label="planted")
-        for v in variants:
-            if v != "fixed":
-                ax.plot(x, results[p][v][0]["final"], marker="o", label=v)
-        ax.set_title(f"{p}: final rank per matrix (seed {0})")
-        ax.set_xlabel("adapted matrix")
+        for v in shown:
+            runs = results[p][v]
+            mean = [sum(r["final"][i] for r in runs) / len(runs) for i in x]
+            ax.plot(x, mean, marker="o", label=v)
+        ax.set_title(f"{p}: final rank per matrix (mean of {len(results[p][variants[0]])} seeds)")
+        ax.set_xlabel("adapted matrix (model order)")
         ax.set_ylabel("rank")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

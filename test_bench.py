@@ -138,3 +138,27 @@ def test_main_writes_json_and_table(tmp_path):
 def test_main_rejects_unknown_model():
     with pytest.raises(SystemExit):
         B.main(["--models", "gpt5"])
+
+
+# -----------------------------------------------------------------------------
+# bench_quality.py: the commands it runs and the table it writes (no training here)
+
+import bench_quality as Q
+
+
+def test_quality_vision_command_points_at_shared_data():
+    cmd = Q.command("cifar100", "flexlora-util", 1, "out/x", full=False)
+    assert cmd[1] == "train_vit.py" and cmd[cmd.index("--seed") + 1] == "1"
+    assert cmd[cmd.index("--data") + 1].endswith("shared/data/cifar100_1k.npz")
+    assert cmd[cmd.index("--score") + 1] == "utilization" and "--epochs" in cmd
+    assert "--epochs" not in Q.command("cifar100", "lora", 0, "out/x", full=True)
+    assert Q.command("cifar100", "lora", 0, "out/x", full=False)[-7:-5] == ["--method", "lora"]
+
+
+def test_quality_table_mean_and_std_over_seeds():
+    def run(acc, wall):
+        return {"final": {"accuracy": acc}, "counts": {"trainable": 1000}, "wall_time_s": wall}
+    results = {"cifar100": {"lora": [run(0.10, 10), run(0.20, 30)]}}
+    md = Q.table(results, ["cifar100"], ["lora", "adalora"])
+    assert "| lora | 15.0 ± 7.1 | 1k | 20 s |" in md  # std of 10 and 20 is 7.07
+    assert "| adalora | — | — | — |" in md

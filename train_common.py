@@ -11,6 +11,7 @@ A run directory (--output_dir) ends up holding:
     checkpoint/          everything --resume needs (adapter, optimizer, LR scheduler, allocator, RNG)
 """
 
+import argparse
 import json
 import math
 import os
@@ -30,6 +31,10 @@ import flexlora
 # Flags shared by both scripts (each script adds its # data and # model groups and its defaults)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass  # --help: the docstring as written, and every flag's default
+
+
 def add_common_args(parser):
     # flexlora (and the budget the baselines are matched to)
     g = parser.add_argument_group("flexlora")
@@ -38,14 +43,14 @@ def add_common_args(parser):
     g.add_argument("--target_modules", help="comma-separated Linear names to adapt (default: found)")
     g.add_argument("--r", type=int, help="initial rank of every adapted matrix (FlexLoRA keeps Σr)")
     g.add_argument("--alpha", type=float, help="scale s = alpha / r, fixed for the whole run")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter input")
     g.add_argument("--b0", type=int, default=4, help="matrices pruned/expanded at the first allocation")
     g.add_argument("--t_w", type=int, help="warm-up steps before the first allocation")
     g.add_argument("--t_f", type=int, help="final steps without allocations")
     g.add_argument("--delta", type=int, help="Δ: steps between allocations")
     g.add_argument("--schedule", default="cubic", choices=["cubic", "constant"],
                    help="b(t): the paper's cubic decay, or constant b0 (the authors' released code)")
-    g.add_argument("--r_min", type=int, default=1)
+    g.add_argument("--r_min", type=int, default=1, help="no matrix is pruned below this rank")
     g.add_argument("--r_max", type=int, default=None, help="rank cap per matrix (default none)")
     # departures from the paper's rule (flexlora.RankAllocator's options; defaults = the paper)
     g.add_argument("--score", default="entropy", choices=["entropy", "energy", "utilization"],
@@ -59,9 +64,9 @@ def add_common_args(parser):
     # optimizer
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
-    g.add_argument("--weight_decay", type=float)
-    g.add_argument("--batch_size", type=int, default=32)
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--weight_decay", type=float, help="AdamW decay (not on biases and norms)")
+    g.add_argument("--batch_size", type=int, default=32, help="examples per optimizer step")
+    g.add_argument("--epochs", type=int, help="passes over the training set")
     g.add_argument("--warmup_ratio", type=float, default=0.06, help="linear LR warm-up, then linear decay")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
     # run
@@ -75,7 +80,7 @@ def add_common_args(parser):
     g.add_argument("--eval_every", type=int, default=1, help="epochs between evaluations (and at the end)")
     g.add_argument("--ckpt_every", type=int, default=0, help="steps between checkpoints (0: at each eval)")
     g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--eval_batch_size", type=int, default=64)
+    g.add_argument("--eval_batch_size", type=int, default=64, help="examples per evaluation batch")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--no_bf16", action="store_true", help="no bf16 autocast on CUDA")
     g.add_argument("--smoke", action="store_true", help="offline: tiny model, built-in data, < 1 min on CPU")

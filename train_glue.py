@@ -282,7 +282,7 @@ def glue_metrics(task, logits, labels):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     # data
     g = parser.add_argument_group("data")
     g.add_argument("--task", type=task_name, default="cola", help=", ".join(TASKS))
@@ -295,7 +295,10 @@ def get_args(argv=None):
     g.add_argument("--model", default="microsoft/deberta-v3-base", help="Hub name or local checkpoint")
     common.add_common_args(parser)
     # defaults: METHOD.md §6 for the task, then --smoke's, then whatever the command line says
-    first, _ = parser.parse_known_args(argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--task", type=task_name, default="cola")
+    first.add_argument("--smoke", action="store_true")
+    first = first.parse_known_args(argv)[0]
     parser.set_defaults(r=12, **dict(zip(HPARAMS, TASKS[first.task])))
     if first.smoke:
         parser.set_defaults(**SMOKE)

@@ -20,6 +20,7 @@ $ python train_vit.py --smoke
 
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
@@ -231,7 +232,7 @@ def load_model(args, n_classes):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     # data
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100", help="Hub dataset: cifar100, cifar10, or a repo name")
@@ -244,7 +245,7 @@ def get_args(argv=None):
     g.add_argument("--attn", action="store_true", help="adapt the attention projections as well as fc1/fc2")
     common.add_common_args(parser)
     parser.set_defaults(**DEFAULTS)
-    if parser.parse_known_args(argv)[0].smoke:
+    if "--smoke" in (argv if argv is not None else sys.argv[1:]):
         parser.set_defaults(**SMOKE)
     return parser.parse_args(argv)
 

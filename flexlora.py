@@ -108,9 +108,9 @@ def rank_pattern(model: nn.Module) -> dict:
 # Patching a model (e.g. a Hugging Face transformer) by module name
 
 
-def _matches(name: str, pattern: str) -> bool:
-    # a suffix on a dot boundary ("output.dense" catches "layer.3.output.dense", never
-    # "pooler.dense"), or a regular expression over the whole name
+def matches(name: str, pattern: str) -> bool:
+    """Does a module name match a target? A suffix on a dot boundary ("output.dense" catches
+    "layer.3.output.dense", never "pooler.dense"), or a regex over the whole name."""
     if name == pattern or name.endswith("." + pattern):
         return True
     try:
@@ -139,8 +139,8 @@ def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: floa
     if adapters(model):
         raise ValueError("the model already has FlexLoRA adapters: inject() once per model")
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [n for n in linears if any(_matches(n, t) for t in targets)]
-    missing = [t for t in targets if not any(_matches(n, t) for n in linears)]
+    chosen = [n for n in linears if any(matches(n, t) for t in targets)]
+    missing = [t for t in targets if not any(matches(n, t) for n in linears)]
     if missing:
         # list the Linear names that do exist, with layer indices collapsed to N
         known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in linears})
@@ -164,7 +164,7 @@ def _param_matches(name: str, pattern: str) -> bool:
     # a parameter matches if its own name or that of a module holding it does:
     # "classifier" opens "classifier.weight", "pooler" opens "pooler.dense.bias"
     parts = name.split(".")
-    return any(_matches(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+    return any(matches(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 
 
 # -----------------------------------------------------------------------------

@@ -573,6 +573,8 @@ def test_target_matching_rules():
     with pytest.raises(ValueError, match=re.escape("['_proj']")) as e:
         fl.inject(tiny_deberta(), ["_proj"], r=1, alpha=1)
     assert "deberta.encoder.layer.N.attention.self.query_proj" in str(e.value)  # lists what exists
+    assert fl.matches("encoder.layer.3.output.dense", "output.dense")
+    assert not fl.matches("pooler.dense", "output.dense") and not fl.matches("a.b_proj", "_proj")
     with pytest.raises(ValueError, match="trainable"):
         fl.inject(tiny_deberta(), ["query_proj"], r=1, alpha=1, trainable=["clasifier"])
     model = tiny_deberta()

@@ -152,17 +152,12 @@ def fit_window(args, total_steps):
 # Methods: FlexLoRA, or LoRA / AdaLoRA from PEFT at the same trainable-parameter count
 
 
-def _matches(name, target):
-    # PEFT's and flexlora's rule: the whole module name, or a suffix after a dot
-    return name == target or name.endswith("." + target)
-
-
 def find_targets(model, candidates, override=None):
     """The first list of target modules in `candidates` all of whose entries name a Linear of
     `model` (module names differ between architectures), or --target_modules if given."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for targets in ([override.split(",")] if override else candidates):
-        if all(any(_matches(n, t) for n in names) for t in targets):
+        if all(any(flexlora.matches(n, t) for n in names) for t in targets):
             return list(targets)
     known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in names})
     raise ValueError(f"target modules {override or candidates} do not all match this model's Linear "
@@ -182,7 +177,7 @@ def setup_method(model, args, targets, trainable, total_steps):
     baselines); allocator is FlexLoRA's RankAllocator, else None.
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and any(_matches(n, t) for t in targets)}
+               and any(flexlora.matches(n, t) for t in targets)}
     K, r = len(linears), args.r
     sum_d = sum(m.in_features + m.out_features for m in linears.values())  # Σ (d_in + d_out)
     flex_count = r * (sum_d + K)  # one direction costs d_in + d_out + 1 (METHOD.md §1)

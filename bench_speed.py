@@ -118,7 +118,7 @@ def make_batch(spec, batch, seq, device):
 def adapted_shapes(model, targets):
     """[(d_out, d_in)] of the nn.Linear modules every method adapts (flexlora's own matching)."""
     return [tuple(m.weight.shape) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(flexlora._matches(n, t) for t in targets)]
+            if isinstance(m, nn.Linear) and any(flexlora.matches(n, t) for t in targets)]
 
 
 def matched_ranks(shapes, r_lora):

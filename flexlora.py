@@ -475,13 +475,12 @@ def load_adapter(model: nn.Module, path: str):
     Build the optimizer after loading: the adapter parameters are new objects.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    with safe_open(path, "pt") as f:
+    with safe_open(path, "pt") as f:  # metadata and tensors in one read
         meta = f.metadata() or {}
-    if meta.get("format") != "flexlora":
-        raise ValueError(f"{path} is not a flexlora.save_adapter() file")
-    config, tensors = json.loads(meta["adapters"]), load_file(path)
+        if meta.get("format") != "flexlora":
+            raise ValueError(f"{path} is not a flexlora.save_adapter() file")
+        config, tensors = json.loads(meta["adapters"]), {k: f.get_tensor(k) for k in f.keys()}
     layers = adapters(model)
     if set(config) != set(layers):
         extra, absent = sorted(set(config) - set(layers)), sorted(set(layers) - set(config))

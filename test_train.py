@@ -171,14 +171,17 @@ def test_targets_found_for_deberta_and_bert():
 
 
 def test_glue_local_bert_checkpoint(tmp_path):
-    # a local sequence-classification checkpoint (BERT layout, like MiniLM) and local GLUE TSVs
+    # a local sequence-classification checkpoint (BERT layout, like MiniLM), saved in bf16 as the GPU
+    # benchmark carries MiniLM, and local GLUE TSVs
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = train_glue.smoke_tokenizer()
     folder = str(tmp_path / "bert")
-    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64)).to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
+    model, _ = train_glue.load_model(train_glue.get_args(["--task", "stsb", "--model", folder]))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # fp32 master weights, not bf16
     glue = write_glue(tmp_path / "glue", n=24)
     out = str(tmp_path / "run")
     train_glue.main(["--task", "stsb", "--model", folder, "--data_dir", glue, "--epochs", "2", "--batch_size", "8",
@@ -291,7 +294,7 @@ def test_vit_npz_with_a_local_checkpoint(tmp_path):
     folder = str(tmp_path / "vit")
     config = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64, num_labels=10, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.25, 0.3])
-    ViTForImageClassification(config).save_pretrained(folder)
+    ViTForImageClassification(config).to(torch.bfloat16).save_pretrained(folder)
     out = str(tmp_path / "run")
     train_vit.main(["--data", write_npz(tmp_path / "d.npz"), "--model", folder, "--epochs", "2", "--batch_size", "8",
                     "--r", "2", "--output_dir", out])
@@ -299,6 +302,7 @@ def test_vit_npz_with_a_local_checkpoint(tmp_path):
     assert metrics["counts"]["head"] == 3 * 32 + 3  # a fresh 3-way classifier
     assert 0 <= metrics["final"]["accuracy"] <= 1
     model = train_vit.load_model(train_vit.get_args(["--model", folder]), 3)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # fp32 master weights from a bf16 file
     processor = train_vit.image_processor(train_vit.get_args(["--model", folder]), model.config)
     assert list(processor.image_mean) == [0.4, 0.5, 0.6] and processor.size["height"] == 16
 

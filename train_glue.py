@@ -246,8 +246,10 @@ def load_model(args):
         return smoke_model(args.task, len(tokenizer)), tokenizer
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    # dtype float32: transformers 5 would keep a bf16 checkpoint in bf16; we train fp32 master
+    # weights (and on CUDA compute under bf16 autocast)
     model = common.from_pretrained(
-        AutoModelForSequenceClassification, args.model, num_labels=num_labels(args.task),
+        AutoModelForSequenceClassification, args.model, num_labels=num_labels(args.task), dtype=torch.float32,
         ignore_mismatched_sizes=True,  # a fresh head of the task's size
         problem_type="regression" if args.task == "stsb" else "single_label_classification")
     return model, common.from_pretrained(AutoTokenizer, args.model)

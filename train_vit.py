@@ -223,9 +223,10 @@ def load_model(args, n_classes):
         return ViTForImageClassification(config)
     from transformers import AutoModelForImageClassification
 
-    # a fresh classifier of the right size (e.g. vit-tiny-cifar10 has 10 labels, CIFAR-100 needs 100)
+    # a fresh classifier of the right size (e.g. vit-tiny-cifar10 has 10 labels, CIFAR-100 needs 100);
+    # float32 master weights even from a bf16 checkpoint (transformers 5 would keep its dtype)
     return common.from_pretrained(AutoModelForImageClassification, args.model, num_labels=n_classes,
-                                  ignore_mismatched_sizes=True)
+                                  ignore_mismatched_sizes=True, dtype=torch.float32)
 
 
 # -----------------------------------------------------------------------------

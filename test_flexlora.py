@@ -167,6 +167,30 @@ def test_orthogonal_regularizer():
         fl.orthogonal_regularizer(nn.Linear(2, 2))
 
 
+def test_orthogonal_regularizer_batched_equals_per_adapter_loop():
+    # adapters of several heights, widths and ranks, as after allocations: the block-diagonal
+    # Gram computation gives the per-adapter definition's value and gradients
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 12), nn.Linear(8, 8))
+    fl.inject(model, ["0", "1", "2", "3", "4"], r=2, alpha=4)
+    for layer, r in zip(fl.adapters(model).values(), [1, 3, 4, 2, 2]):
+        layer.P = nn.Parameter(0.5 * torch.randn(layer.P.shape[0], r))
+        layer.Lambda = nn.Parameter(torch.zeros(r))
+        layer.Q = nn.Parameter(0.5 * torch.randn(r, layer.Q.shape[1]))
+    R = fl.orthogonal_regularizer(model)
+    R.backward()
+    layers = list(fl.adapters(model).values())
+    Ps = [m.P.detach().clone().requires_grad_() for m in layers]
+    Qs = [m.Q.detach().clone().requires_grad_() for m in layers]
+    ref = sum(torch.linalg.matrix_norm(P.T @ P - torch.eye(P.shape[1])) + torch.linalg.matrix_norm(Q @ Q.T - torch.eye(Q.shape[0]))
+              for P, Q in zip(Ps, Qs)) / len(layers)
+    ref.backward()
+    assert R.item() == pytest.approx(ref.item(), rel=1e-6)
+    for m, P, Q in zip(layers, Ps, Qs):
+        torch.testing.assert_close(m.P.grad, P.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(m.Q.grad, Q.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_orthogonal_regularizer_stays_float32_under_autocast():
     model = matrices(n=2, d=8, r=3)
     ref = fl.orthogonal_regularizer(model)

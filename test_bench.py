@@ -165,7 +165,8 @@ def test_quality_takes_local_paths(monkeypatch):
     assert vision[vision.index("--model") + 1] == "/v" and vision[vision.index("--data") + 1] == "/c.npz"
     three = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--minilm", "/m", "--full", "--epochs", "3"]))
     assert [three[i + 1] for i, a in enumerate(three) if a == "--epochs"] == ["3"]
-    short = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--minilm", "/m", "--epochs", "3"]))  # the last --epochs wins
+    # CPU size: the size's --epochs 2, then ours; the last one wins
+    short = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--minilm", "/m", "--epochs", "3"]))
     assert [short[i + 1] for i, a in enumerate(short) if a == "--epochs"] == ["2", "3"]
     monkeypatch.setenv("MINILM", "/from/env")  # how bench_speed.py --minilm reaches minilm()
     assert Q.minilm_path() == "/from/env"

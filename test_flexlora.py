@@ -182,8 +182,8 @@ def test_orthogonal_regularizer_batched_equals_per_adapter_loop():
     layers = list(fl.adapters(model).values())
     Ps = [m.P.detach().clone().requires_grad_() for m in layers]
     Qs = [m.Q.detach().clone().requires_grad_() for m in layers]
-    ref = sum(torch.linalg.matrix_norm(P.T @ P - torch.eye(P.shape[1])) + torch.linalg.matrix_norm(Q @ Q.T - torch.eye(Q.shape[0]))
-              for P, Q in zip(Ps, Qs)) / len(layers)
+    ref = sum(torch.linalg.matrix_norm(P.T @ P - torch.eye(P.shape[1]))
+              + torch.linalg.matrix_norm(Q @ Q.T - torch.eye(Q.shape[0])) for P, Q in zip(Ps, Qs)) / len(layers)
     ref.backward()
     assert R.item() == pytest.approx(ref.item(), rel=1e-6)
     for m, P, Q in zip(layers, Ps, Qs):

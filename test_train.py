@@ -177,8 +177,9 @@ def test_glue_local_bert_checkpoint(tmp_path):
 
     tok = train_glue.smoke_tokenizer()
     folder = str(tmp_path / "bert")
-    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64)).to(torch.bfloat16).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertForSequenceClassification(config).to(torch.bfloat16).save_pretrained(folder)
     tok.save_pretrained(folder)
     model, _ = train_glue.load_model(train_glue.get_args(["--task", "stsb", "--model", folder]))
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # fp32 master weights, not bf16

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 SIGMA_INIT = 0.02  # std of the entries of P and Q, at init and for new directions (AdaLoRA's)
 EPS = 1e-8  # the ε inside log(s_i + ε) of the entropy (paper §3)
+_RANK_DIM = {"P": 1, "Lambda": 0, "Q": 0}  # the axis of each factor that indexes directions
 
 # -----------------------------------------------------------------------------
 # The adapter
-
 
 class FlexLoRALinear(nn.Module):
     """A frozen nn.Linear plus a rank-r update in SVD form:
@@ -55,11 +55,10 @@ class FlexLoRALinear(nn.Module):
         self.scaling = self.alpha / r  # s, fixed for the adapter's lifetime
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        d_out, d_in = base.weight.shape
-        w = base.weight
-        self.P = nn.Parameter(torch.randn(d_out, r, dtype=w.dtype, device=w.device) * SIGMA_INIT)
-        self.Lambda = nn.Parameter(torch.zeros(r, dtype=w.dtype, device=w.device))  # λ = 0: ΔW = 0
-        self.Q = nn.Parameter(torch.randn(r, d_in, dtype=w.dtype, device=w.device) * SIGMA_INIT)
+        (d_out, d_in), like = base.weight.shape, dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.P = nn.Parameter(torch.randn(d_out, r, **like) * SIGMA_INIT)
+        self.Lambda = nn.Parameter(torch.zeros(r, **like))  # λ = 0: ΔW = 0
+        self.Q = nn.Parameter(torch.randn(r, d_in, **like) * SIGMA_INIT)
 
     @property
     def r(self) -> int:
@@ -108,7 +107,6 @@ def rank_pattern(model: nn.Module) -> dict:
 # -----------------------------------------------------------------------------
 # Patching a model (e.g. a Hugging Face transformer) by module name
 
-
 def matches(name: str, pattern: str) -> bool:
     """Does a module name match a target? A suffix on a dot boundary ("output.dense" catches
     "layer.3.output.dense", never "pooler.dense"), or a regex over the whole name."""
@@ -142,8 +140,7 @@ def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: floa
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = [n for n in linears if any(matches(n, t) for t in targets)]
     missing = [t for t in targets if not any(matches(n, t) for n in linears)]
-    if missing:
-        # list the Linear names that do exist, with layer indices collapsed to N
+    if missing:  # list the Linear names that do exist, with layer indices collapsed to N
         known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in linears})
         raise ValueError(f"target_modules {missing} match no nn.Linear in the model. "
                          f"Its Linear modules are: {known}")
@@ -170,7 +167,6 @@ def _param_matches(name: str, pattern: str) -> bool:
 
 # -----------------------------------------------------------------------------
 # The three ingredients: importance score, budget schedule, orthogonal regulariser
-
 
 def spectral_entropy(Lambda: torch.Tensor) -> torch.Tensor:
     """Normalised spectral-energy entropy of one matrix (paper §3):
@@ -212,8 +208,7 @@ def budget(t: int, b0: int, t_warmup: int, t_final: int, total_steps: int,
 
 
 def _check_schedule(b0, t_warmup, t_final, total_steps, schedule):
-    for name, v in (("b0", b0), ("t_warmup", t_warmup), ("t_final", t_final),
-                    ("total_steps", total_steps)):
+    for name, v in dict(b0=b0, t_warmup=t_warmup, t_final=t_final, total_steps=total_steps).items():
         if not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
     if total_steps <= t_warmup + t_final:
@@ -223,17 +218,21 @@ def _check_schedule(b0, t_warmup, t_final, total_steps, schedule):
         raise ValueError(f"schedule must be 'cubic' (the paper) or 'constant', got {schedule!r}")
 
 
+def orthogonal_regularizer_plain(model: nn.Module) -> torch.Tensor:
+    """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F (unsquared; paper §2), one adapter at
+    a time. Reads as the definition; orthogonal_regularizer below computes the same, faster."""
+    layers = adapters(model).values()
+    norm = torch.linalg.matrix_norm  # Frobenius
+    eye = lambda m: torch.eye(m.r, device=m.P.device)
+    return sum(norm(m.P.T @ m.P - eye(m)) + norm(m.Q @ m.Q.T - eye(m)) for m in layers) / len(layers)
+
+
 def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
-    """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F (unsquared, unweighted; paper §2).
-
-    The authors' code averages over the 2K factors instead, i.e. half of this value: to use
-    their γ, add γ/2 · R to the loss (the training scripts do).
-
-    Computed in a few large ops instead of ~20 small ones per adapter, because a GPU running a
-    model of this size waits on the number of ops, not their size: the P's of equal height are
+    """R as above, in a few large ops instead of ~20 small ones per adapter: a GPU running a
+    model of this size waits on the number of ops, not their size. The P's of equal height are
     set side by side, F = [P_1 … P_n], and of the one Gram matrix FᵀF only the diagonal blocks
-    PᵢᵀPᵢ are kept (likewise the Q's of equal width, stacked). The off-diagonal blocks cost ~n×
-    the flops of the needed ones, small beside a training step (bench_speed.py reports it).
+    PᵢᵀPᵢ are kept (likewise the Q's of equal width, stacked). The loss adds γ · R.
+    Deviation (authors' code): they average over the 2K factors, half of R, so their γ is twice ours.
     """
     layers = adapters(model)
     if not layers:
@@ -246,13 +245,10 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
     device = next(iter(layers.values())).P.device
     with torch.autocast(device.type, enabled=False):  # bf16 Gram matrices are too coarse
         for (kind, _, _), factors in groups.items():
-            ranks = tuple(f.shape[1] if kind == "P" else f.shape[0] for f in factors)
-            if kind == "P":
-                stacked = torch.cat(factors, dim=1).float()
-                gram = stacked.T @ stacked
-            else:
-                stacked = torch.cat(factors, dim=0).float()
-                gram = stacked @ stacked.T
+            dim = _RANK_DIM[kind]
+            stacked = torch.cat(factors, dim=dim).float()
+            gram = stacked.T @ stacked if kind == "P" else stacked @ stacked.T  # (Σr, Σr)
+            ranks = tuple(f.shape[dim] for f in factors)
             owner, mask, eye = _blocks(ranks, gram.device)
             sq = ((gram - eye) * mask).square().sum(1)  # per direction: its row of PᵢᵀPᵢ − I
             per_factor = torch.zeros(len(ranks), device=gram.device).index_add(0, owner, sq)
@@ -263,8 +259,8 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _blocks(ranks: tuple, device: torch.device):
-    """For factors of ranks r_1 … r_n side by side: the factor of each direction, the mask of the
-    diagonal blocks, and the identity (cached: they change only when an allocation does)."""
+    # factors of ranks r_1 … r_n side by side: the factor of each direction, the mask of the
+    # diagonal blocks, and the identity (cached: they change only when an allocation does)
     owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks)).to(device)
     mask = (owner[:, None] == owner[None, :]).float()
     return owner, mask, torch.eye(len(owner), device=device)
@@ -273,40 +269,34 @@ def _blocks(ranks: tuple, device: torch.device):
 # -----------------------------------------------------------------------------
 # Resizing an adapter in place, without breaking the optimizer or autograd
 
-
-_RANK_DIM = {"P": 1, "Lambda": 0, "Q": 0}  # the axis of each factor that indexes directions
-
-
 def _resize(layer: FlexLoRALinear, keep: list, grow: bool, gen: torch.Generator, optimizer):
     """Keep the directions `keep` (indices) and, if `grow`, append one new direction.
 
-    New Parameter objects replace the old ones (an in-place resize would break the backward of
-    any autograd graph still alive, e.g. last step's `loss`, METHOD.md §5.7), and the optimizer
-    is re-pointed at them: its param groups keep their settings, and per-parameter state of
-    the parameter's shape (Adam's exp_avg / exp_avg_sq, SGD's momentum) is sliced and
-    zero-padded the same way.
+    New Parameter objects replace the old ones (an in-place resize breaks the backward of any
+    autograd graph still alive, e.g. last step's `loss`); the optimizer is re-pointed at them,
+    its groups' settings kept, and state of the parameter's shape (Adam's exp_avg / exp_avg_sq,
+    SGD's momentum) sliced and zero-padded the same way.
     Deviation (authors' code): they rebuild the optimizer, losing all of that.
     """
-    d_out, d_in = layer.P.shape[0], layer.Q.shape[1]
+    fresh = {}
     if grow:  # the new direction: λ = 0 (zero impact), p and q drawn like the initial ones
         # Deviation (authors' code): they draw std-1 vectors from the global RNG in float32.
-        fresh = {"P": torch.randn(d_out, 1, generator=gen) * SIGMA_INIT,  # (d_out, 1)
+        fresh = {"P": torch.randn(layer.P.shape[0], 1, generator=gen) * SIGMA_INIT,  # (d_out, 1)
                  "Lambda": torch.zeros(1),
-                 "Q": torch.randn(1, d_in, generator=gen) * SIGMA_INIT}  # (1, d_in)
+                 "Q": torch.randn(1, layer.Q.shape[1], generator=gen) * SIGMA_INIT}  # (1, d_in)
     for name, dim in _RANK_DIM.items():
         old = getattr(layer, name)
         idx = torch.tensor(keep, dtype=torch.long, device=old.device)
 
-        def reshape(t, new_part):  # slice the kept directions, append the new one
+        def reshape(t, new=None):  # slice the kept directions, append the new one
             t = t.index_select(dim, idx)
-            return torch.cat([t, new_part.to(t.device, t.dtype)], dim) if grow else t
+            return t if new is None else torch.cat([t, new.to(t.device, t.dtype)], dim)
 
-        param = nn.Parameter(reshape(old.detach(), fresh[name] if grow else None),
-                             requires_grad=old.requires_grad)
+        param = nn.Parameter(reshape(old.detach(), fresh.get(name)), requires_grad=old.requires_grad)
         setattr(layer, name, param)
         if optimizer is not None:  # optimizer state of a new direction starts at zero
-            state_reshape = lambda t: reshape(t, torch.zeros_like(fresh[name]) if grow else None)
-            _repoint(optimizer, old, param, state_reshape)
+            zero = torch.zeros_like(fresh[name]) if grow else None
+            _repoint(optimizer, old, param, lambda t: reshape(t, zero))
 
 
 def _repoint(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, reshape):
@@ -326,32 +316,19 @@ def _repoint(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parame
 # -----------------------------------------------------------------------------
 # The allocator: score, choose, prune and expand (paper §3)
 
-
 class RankAllocator:
-    """Moves rank between the adapters of `model` during training.
+    """Moves rank between the adapters of `model` during training (paper §3).
 
     Call step(t, optimizer) after optimizer.step() (and the LR scheduler's step), before
     zero_grad(), with t = the number of optimizer steps taken so far (1, 2, ...). At steps
     where b(t) > 0 and (t − t_warmup) is a multiple of `interval`, it prunes the smallest-|λ|
     direction of the b lowest-scoring matrices and adds a λ = 0 direction to the b
-    highest-scoring ones, so the total rank stays constant.
-
-    The defaults are the paper's rule. Options (each a departure from the paper):
-      score="energy": I(Λ_k) · ‖ΔW_k‖_F / max_j ‖ΔW_j‖_F, so that a matrix whose update is
-          tiny cannot look saturated (entropy alone is scale-invariant).
-      score="utilization": effective rank / r = exp(I log r) / r, which drops linearly with
-          idle directions where I = log(eff. rank) / log r hardly moves (16 used of 26: 0.85).
-      rank1_score: the score of a rank-1 matrix, 0 (the paper's limit: fully concentrated, so
-          it can never grow back) or 1 (a single direction counts as saturated).
-      protect: a direction added at step t0 is neither pruned nor counted in the score while
-          t − t0 ≤ protect, so it has time to learn before it is judged (its λ starts at 0,
-          which makes its matrix look concentrated and itself the smallest |λ|).
+    highest-scoring ones, so the total rank stays constant. The score is the paper's I(Λ); to
+    try another, subclass and override scores(). schedule="constant" runs the authors' code's b(t).
     """
 
     def __init__(self, model: nn.Module, b0: int, t_warmup: int, t_final: int, total_steps: int,
-                 interval: int, r_min: int = 1, r_max: int = None, seed: int = 0,
-                 schedule: str = "cubic", score: str = "entropy", rank1_score: float = 0.0,
-                 protect: int = 0):
+                 interval: int, r_min: int = 1, r_max: int = None, seed: int = 0, schedule: str = "cubic"):
         _check_schedule(b0, t_warmup, t_final, total_steps, schedule)
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
@@ -359,24 +336,15 @@ class RankAllocator:
             raise ValueError(f"r_min must be an integer >= 1, got {r_min!r}")
         if r_max is not None and (not isinstance(r_max, int) or r_max < r_min):
             raise ValueError(f"r_max must be None (no cap) or an integer >= r_min={r_min}, got {r_max!r}")
-        if score not in ("entropy", "energy", "utilization"):
-            raise ValueError(f"score must be 'entropy' (the paper), 'energy' or 'utilization', got {score!r}")
-        if rank1_score not in (0, 1):
-            raise ValueError(f"rank1_score must be 0 (the paper) or 1, got {rank1_score!r}")
-        if not isinstance(protect, int) or protect < 0:
-            raise ValueError(f"protect must be a number of steps >= 0, got {protect!r}")
         self.model = model
         self.layers = adapters(model)
         if not self.layers:
             raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
         self.config = dict(b0=b0, t_warmup=t_warmup, t_final=t_final, total_steps=total_steps,
-                           interval=interval, r_min=r_min, r_max=r_max, seed=seed, schedule=schedule,
-                           score=score, rank1_score=rank1_score, protect=protect)
+                           interval=interval, r_min=r_min, r_max=r_max, seed=seed, schedule=schedule)
         # our own generator: same seed -> same new directions, on every process of a multi-GPU run
         self.generator = torch.Generator().manual_seed(seed)
         self.history = []
-        # the step at which each direction was added (None: there from the start)
-        self.born = {n: [None] * m.r for n, m in self.layers.items()}
 
     def spectra(self) -> dict:
         """{module name: λ as a float32 CPU tensor}, with one device-to-host copy in all."""
@@ -386,34 +354,9 @@ class RankAllocator:
             raise ValueError(f"non-finite λ in {bad[:3]}: training diverged; lower the learning rate")
         return dict(zip(self.layers, lams.split([m.r for m in self.layers.values()])))
 
-    @torch.no_grad()
-    def norms(self) -> dict:
-        """{module name: ‖ΔW‖_F}, from r×r Gram matrices: ‖P diag(λ) Q‖² = λᵀ (PᵀP ∘ QQᵀ) λ."""
-        sq = [m.scaling ** 2 * (m.Lambda.float() @ ((m.P.float().T @ m.P.float())
-                                                    * (m.Q.float() @ m.Q.float().T)) @ m.Lambda.float())
-              for m in self.layers.values()]
-        return dict(zip(self.layers, torch.stack(sq).clamp(min=0).sqrt().cpu().tolist()))
-
-    def scores(self, t: int, lams: dict) -> dict:
-        """{module name: importance}: I(Λ) of the directions old enough to be judged."""
-        c = self.config
-        out = {}
-        for name, lam in lams.items():
-            judged = lam[[i for i, t0 in enumerate(self.born[name]) if not self._young(t, t0)]]
-            if judged.numel() == 1:
-                out[name] = c["rank1_score"]
-            elif c["score"] == "utilization":  # effective rank / r = exp(I · log r) / r
-                out[name] = math.exp(float(spectral_entropy(judged)) * math.log(judged.numel())) / judged.numel()
-            else:
-                out[name] = float(spectral_entropy(judged))
-        if c["score"] == "energy":  # × the matrix's share of the largest update
-            norms = self.norms()
-            top = max(norms.values()) or 1.0
-            out = {n: v * norms[n] / top for n, v in out.items()}
-        return out
-
-    def _young(self, t, t0):
-        return t0 is not None and t - t0 <= self.config["protect"]
+    def scores(self, lams: dict) -> dict:
+        """{module name: importance} from spectra()'s λ: the paper's I(Λ). Low: prune, high: expand."""
+        return {name: float(spectral_entropy(lam)) for name, lam in lams.items()}
 
     def step(self, t: int, optimizer: torch.optim.Optimizer = None):
         """Run an allocation if one is due at step t. Returns its record, or None."""
@@ -423,11 +366,8 @@ class RankAllocator:
             return None
         if any(m.merged for m in self.layers.values()):
             raise ValueError("an adapter is merged: call unmerge() before training on")
-        if any(len(self.born[n]) != m.r for n, m in self.layers.items()):
-            raise ValueError("adapter ranks changed behind the allocator's back: after "
-                             "load_adapter(), load the allocator's state_dict saved with it")
         lams = self.spectra()
-        scores = self.scores(t, lams)
+        scores = self.scores(lams)
         ranks = {n: lam.numel() for n, lam in lams.items()}
 
         # 1) candidates, ties broken by name so that every process decides the same
@@ -442,19 +382,16 @@ class RankAllocator:
         pruned = prune[:k]
         expanded = [n for n in grow if n not in pruned][:k]
 
-        # 3) prune: drop the direction with the smallest |λ| (among those old enough)
+        # 3) prune: drop the direction with the smallest |λ|
         # Deviation (authors' code): they take the signed argmin, which can drop the strongest.
         removed = {}
         for name in pruned:
-            old = [i for i, t0 in enumerate(self.born[name]) if not self._young(t, t0)]
-            removed[name] = i = min(old, key=lambda j: (abs(lams[name][j].item()), j))
+            removed[name] = i = min(range(ranks[name]), key=lambda j: (abs(lams[name][j].item()), j))
             keep = [j for j in range(ranks[name]) if j != i]
             _resize(self.layers[name], keep, False, self.generator, optimizer)
-            del self.born[name][i]
         # 4) expand: one new direction at λ = 0, appended as the last index
         for name in expanded:
             _resize(self.layers[name], list(range(ranks[name])), True, self.generator, optimizer)
-            self.born[name].append(t)
 
         record = dict(step=t, b=b, k=k, scores=scores, pruned=pruned, removed=removed,
                       expanded=expanded, ranks={n: m.r for n, m in self.layers.items()})
@@ -463,24 +400,21 @@ class RankAllocator:
 
     def state_dict(self) -> dict:
         return {"config": dict(self.config), "generator": self.generator.get_state(),
-                "born": {n: list(v) for n, v in self.born.items()}, "history": list(self.history)}
+                "history": list(self.history)}
 
     def load_state_dict(self, d: dict):
         if d["config"] != self.config:
             raise ValueError(f"allocator state was saved with {d['config']}, this allocator has "
                              f"{self.config}: build it with the same settings to resume")
-        ranks = rank_pattern(self.model)
-        if {n: len(v) for n, v in d["born"].items()} != ranks:
+        if d["history"] and d["history"][-1]["ranks"] != rank_pattern(self.model):
             raise ValueError("allocator state does not fit the adapters: inject the same "
                              "target_modules and load_adapter() the checkpoint saved with it first")
         self.generator.set_state(d["generator"])
-        self.born = {n: list(v) for n, v in d["born"].items()}
         self.history = list(d["history"])
 
 
 # -----------------------------------------------------------------------------
 # Saving and loading (safetensors: no pickle), merging
-
 
 def save_adapter(model: nn.Module, path: str):
     """Save every trainable parameter (adapters and heads) with each adapter's alpha and r_init."""
@@ -490,9 +424,8 @@ def save_adapter(model: nn.Module, path: str):
     if not layers:
         raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    for name, layer in layers.items():  # adapter factors even if the user froze some
-        for f in _RANK_DIM:
-            tensors[f"{name}.{f}"] = getattr(layer, f).detach().contiguous()
+    tensors |= {f"{name}.{f}": getattr(layer, f).detach().contiguous()  # even if the user froze some
+                for name, layer in layers.items() for f in _RANK_DIM}
     config = {n: {"r": m.r, "r_init": m.r_init, "alpha": m.alpha} for n, m in layers.items()}
     save_file(tensors, path, metadata={"format": "flexlora", "adapters": json.dumps(config)})
 
@@ -517,8 +450,7 @@ def load_adapter(model: nn.Module, path: str):
                          f"only in the model {absent}; inject the same target_modules as saved")
     params = dict(model.named_parameters())
     for name, layer in layers.items():
-        P, Q = tensors.pop(f"{name}.P"), tensors.pop(f"{name}.Q")
-        Lambda = tensors.pop(f"{name}.Lambda")
+        P, Lambda, Q = (tensors.pop(f"{name}.{f}") for f in _RANK_DIM)
         if P.shape[0] != layer.P.shape[0] or Q.shape[1] != layer.Q.shape[1]:
             raise ValueError(f"adapter {name}: the file has ΔW of shape ({P.shape[0]}, {Q.shape[1]}), "
                              f"the model ({layer.P.shape[0]}, {layer.Q.shape[1]})")

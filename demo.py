@@ -7,7 +7,7 @@ A teacher adds a planted low-rank update ΔW_k of a known rank to each of n froz
 matrices; the student is the same frozen matrices with FlexLoRA adapters of a uniform initial
 rank r0, trained to match the teacher's outputs on random inputs. The script prints how the
 ranks move, where they end against the planted ranks, and how often a direction added at one
-allocation is removed again at the next (the oscillation of METHOD.md §5).
+allocation is removed again at the next (the prune/expand oscillation).
 """
 
 import argparse
@@ -15,8 +15,10 @@ import time
 
 import torch
 import torch.nn as nn
+from scipy.stats import spearmanr
 
 import flexlora as fl
+from train_common import churn
 
 # -----------------------------------------------------------------------------
 # The toy problem
@@ -54,16 +56,6 @@ def make_problem(planted, d=32, seed=0):
     return teacher.requires_grad_(False), student
 
 
-def churn(history):
-    """(removed, added): directions added at one allocation and removed at the very next one."""
-    added = removed = 0
-    for prev, cur in zip(history, history[1:]):
-        added += len(prev["expanded"])
-        # a new direction is appended last, so its index is the rank after the expansion − 1
-        removed += sum(cur["removed"].get(n) == prev["ranks"][n] - 1 for n in prev["expanded"])
-    return removed, added
-
-
 def train(planted, r0=3, steps=3000, b0=2, t_warmup=200, t_final=600, interval=20, lr=1e-2,
           gamma=0.1, batch=128, d=32, seed=0, log_every=0):
     """Train the student; returns (student, allocator, list of losses)."""
@@ -90,16 +82,6 @@ def train(planted, r0=3, steps=3000, b0=2, t_warmup=200, t_final=600, interval=2
     return student, alloc, losses
 
 
-def spearman(a, b):
-    """Rank correlation (average ranks for ties)."""
-    def ranks(v):
-        v = torch.tensor(v, dtype=torch.float64)
-        return torch.tensor([((v < x).sum() + ((v == x).sum() - 1) / 2).item() for x in v])
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -116,10 +98,11 @@ if __name__ == "__main__":
     student, alloc, losses = train(args.planted, r0=args.r0, steps=args.steps, b0=args.b0,
                                    interval=args.interval, seed=args.seed, log_every=args.steps // 15)
     final = list(fl.rank_pattern(student).values())
-    removed, added = churn(alloc.history)
+    c = churn(alloc.history)
     print(f"\nplanted ranks   {args.planted}  (total {sum(args.planted)})")
     print(f"final ranks     {final}  (total {sum(final)}, conserved from {args.r0} x {len(final)})")
-    print(f"rank correlation (Spearman) {spearman(args.planted, final):.2f}")
+    print(f"rank correlation (Spearman) {spearmanr(args.planted, final).statistic:.2f}")
     print(f"mse {losses[0]:.4f} -> {losses[-1]:.5f} in {args.steps} steps, "
           f"{len(alloc.history)} allocations, {time.time() - t0:.0f} s")
-    print(f"oscillation: {removed} of {added} added directions removed at the very next allocation")
+    print(f"oscillation: {c['added_removed_at_next']} of {c['added_with_a_next']} added directions "
+          f"removed at the very next allocation")

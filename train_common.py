@@ -52,13 +52,7 @@ def add_common_args(parser):
                    help="b(t): the paper's cubic decay, or constant b0 (the authors' released code)")
     g.add_argument("--r_min", type=int, default=1, help="no matrix is pruned below this rank")
     g.add_argument("--r_max", type=int, default=None, help="rank cap per matrix (default none)")
-    # departures from the paper's rule (flexlora.RankAllocator's options; defaults = the paper)
-    g.add_argument("--score", default="entropy", choices=["entropy", "energy", "utilization"],
-                   help="matrix score: the paper's entropy, or entropy x update norm, or eff. rank / r")
-    g.add_argument("--rank1_score", type=int, default=0, choices=[0, 1],
-                   help="score of a rank-1 matrix: 0 (the paper: can never grow back) or 1")
-    g.add_argument("--protect", type=int, default=0, help="steps a new direction is safe from pruning")
-    g.add_argument("--gamma", type=float, help="γ, weight of the orthogonal regulariser")
+    g.add_argument("--gamma", type=float, help="γ: the loss is task + γ·R, R = flexlora.orthogonal_regularizer")
     g.add_argument("--target_r", type=int, default=None,
                    help="AdaLoRA only: final average rank (default round(2r/3), AdaLoRA's own ratio)")
     # optimizer
@@ -151,7 +145,10 @@ def fit_window(args, total_steps):
 
 
 # -----------------------------------------------------------------------------
-# Methods: FlexLoRA, or LoRA / AdaLoRA from PEFT at the same trainable-parameter count
+# Methods: FlexLoRA, or LoRA / AdaLoRA from PEFT at the same trainable-parameter count. Each is
+# an object the loop drives the same way: net (what it calls), regularizer() (R, or None),
+# allocate(t, optimizer) after optimizer.step(), ranks(), history (every rank change), its
+# state for a checkpoint, and its adapter files.
 
 
 def find_targets(model, candidates, override=None):
@@ -170,80 +167,161 @@ def count(params):
     return sum(p.numel() for p in params)
 
 
-def setup_method(model, args, targets, trainable, total_steps):
-    """Adapt `model` with args.method. Returns (net, saved, allocator, counts).
+class FlexLoRA:
+    """flexlora.py in the loop: the model itself, its regulariser and its RankAllocator."""
 
-    net is what the loop calls: the model itself for FlexLoRA, PEFT's LoraModel / AdaLoraModel
-    for the baselines (AdaLoraModel.forward adds AdaLoRA's orthogonal penalty to out.loss;
-    PeftModel.forward would skip it); saved is what writes the adapter (the PeftModel for the
-    baselines); allocator is FlexLoRA's RankAllocator, else None.
+    def __init__(self, model, args, targets, trainable, total_steps):
+        flexlora.inject(model, targets, r=args.r, alpha=args.alpha, dropout=args.lora_dropout, trainable=trainable)
+        self.net = model
+        self.allocator = flexlora.RankAllocator(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
+                                                total_steps=total_steps, interval=args.delta, r_min=args.r_min,
+                                                r_max=args.r_max, seed=args.seed, schedule=args.schedule)
+        K = len(flexlora.adapters(model))
+        print(f"flexlora: {K} matrices, r = {args.r} (total rank {args.r * K}), alpha {args.alpha:g} "
+              f"(s = {args.alpha / args.r:.3g}), b0 {args.b0}, t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, "
+              f"{args.schedule} b(t), γ {args.gamma:g}")
+
+    @property
+    def history(self):
+        return self.allocator.history  # its records of every allocation
+
+    def regularizer(self):
+        return flexlora.orthogonal_regularizer(self.net)
+
+    def allocate(self, t, optimizer):
+        self.allocator.step(t, optimizer)  # swaps Parameters and re-points the optimizer
+
+    def budget(self, t):
+        c = self.allocator.config
+        return flexlora.budget(t, c["b0"], c["t_warmup"], c["t_final"], c["total_steps"], c["schedule"])
+
+    def ranks(self):
+        return flexlora.rank_pattern(self.net)
+
+    def state_dict(self):
+        return {"allocator": self.allocator.state_dict()}
+
+    def load_state_dict(self, state):
+        self.allocator.load_state_dict(state["allocator"])
+
+    def save_weights(self, path):
+        flexlora.save_adapter(self.net, path)
+
+    def load_weights(self, path):
+        flexlora.load_adapter(self.net, path)  # new Parameter objects, with the saved ranks
+
+    def save(self, out_dir):
+        flexlora.save_adapter(self.net, os.path.join(out_dir, "adapter.safetensors"))
+
+
+class Peft:
+    """The baselines, LoRA or AdaLoRA from PEFT: everything PEFT-specific is in this class.
+
+    net is PEFT's LoraModel / AdaLoraModel: AdaLoraModel.forward adds AdaLoRA's orthogonal penalty
+    to out.loss (PeftModel.forward would skip it); the PeftModel writes the adapter.
     """
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and any(flexlora.matches(n, t) for t in targets)}
-    K, r = len(linears), args.r
-    sum_d = sum(m.in_features + m.out_features for m in linears.values())  # Σ (d_in + d_out)
-    flex_count = r * (sum_d + K)  # one direction costs d_in + d_out + 1 (METHOD.md §1)
-    counts = dict(matrices=K, total_rank=r * K, flexlora_adapter=flex_count)
-    allocator = None
-    if args.method == "flexlora":
-        flexlora.inject(model, targets, r=r, alpha=args.alpha, dropout=args.lora_dropout, trainable=trainable)
-        allocator = flexlora.RankAllocator(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
-                                           total_steps=total_steps, interval=args.delta, r_min=args.r_min,
-                                           r_max=args.r_max, seed=args.seed, schedule=args.schedule,
-                                           score=args.score, rank1_score=args.rank1_score,
-                                           protect=args.protect)
-        net = saved = model
-        print(f"flexlora: {K} matrices, r = {r} (total rank {r * K}), alpha {args.alpha:g} "
-              f"(s = {args.alpha / r:.3g}), b0 {args.b0}, t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, "
-              f"{args.schedule} b(t), γ {args.gamma:g}, score {args.score}"
-              + (f" (rank-1 score {args.rank1_score}, protect {args.protect})"
-                 if args.rank1_score or args.protect else ""))
-    else:
+
+    def __init__(self, model, args, targets, trainable, total_steps, counts, sum_d):
         import peft
 
-        if args.method == "lora":
+        self.adalora = args.method == "adalora"
+        if not self.adalora:
             # the integer LoRA rank whose r·Σ(d_in + d_out) comes closest to FlexLoRA's count
-            r_lora = max(1, round(flex_count / sum_d))
+            r_lora = max(1, round(counts["flexlora_adapter"] / sum_d))
             config = peft.LoraConfig(r=r_lora, lora_alpha=args.alpha, lora_dropout=args.lora_dropout,
                                      target_modules=targets, modules_to_save=list(trainable))
             counts.update(lora_r=r_lora)
-            print(f"lora (PEFT): {K} matrices, r = {r_lora}, alpha {args.alpha:g}")
+            print(f"lora (PEFT): {counts['matrices']} matrices, r = {r_lora}, alpha {args.alpha:g}")
         else:
             # AdaLoRA's P, Λ, Q have FlexLoRA's shapes: init_r = r matches the count exactly; it then
             # masks down to target_r on average (default 2/3 of r, AdaLoRA's 1.5 init/target ratio)
-            target_r = args.target_r or max(1, round(2 * r / 3))
-            config = peft.AdaLoraConfig(init_r=r, target_r=target_r, lora_alpha=args.alpha,
+            target_r = args.target_r or max(1, round(2 * args.r / 3))
+            config = peft.AdaLoraConfig(init_r=args.r, target_r=target_r, lora_alpha=args.alpha,
                                         lora_dropout=args.lora_dropout, target_modules=targets,
                                         modules_to_save=list(trainable), tinit=args.t_w, tfinal=args.t_f,
                                         deltaT=args.delta, total_step=total_steps,
-                                        orth_reg_weight=args.gamma)  # PEFT averages over 2K factors: γ as is
-            counts.update(init_r=r, target_r=target_r)
-            print(f"adalora (PEFT): {K} matrices, init_r {r} -> target_r {target_r}, alpha {args.alpha:g}, "
-                  f"tinit {args.t_w}, tfinal {args.t_f}, deltaT {args.delta}, γ {args.gamma:g}")
-        saved = peft.get_peft_model(model, config)
-        net = saved.base_model
-    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+                                        orth_reg_weight=2 * args.gamma)  # PEFT's R: a mean over 2K factors
+            counts.update(init_r=args.r, target_r=target_r)
+            print(f"adalora (PEFT): {counts['matrices']} matrices, init_r {args.r} -> target_r {target_r}, "
+                  f"alpha {args.alpha:g}, tinit {args.t_w}, tfinal {args.t_f}, deltaT {args.delta}, γ {args.gamma:g}")
+        self.saved = peft.get_peft_model(model, config)
+        self.net = self.saved.base_model
+        self.history = []  # AdaLoRA's masks, each time they change
+
+    def regularizer(self):
+        return None  # AdaLoRA's is in its loss already; LoRA has none
+
+    def allocate(self, t, optimizer):
+        if self.adalora:
+            pattern = self.net.peft_config["default"].rank_pattern
+            self.net.update_and_allocate(t)  # PEFT: every step (importance EMA), masks every deltaT
+            if self.net.peft_config["default"].rank_pattern is not pattern:  # a new mask was set
+                ranks = self.ranks()
+                self.history.append(dict(step=t, total=sum(ranks.values()), ranks=ranks))
+
+    def ranks(self):
+        """{module name: rank}, names as in the unwrapped model; AdaLoRA: directions left unmasked."""
+        import peft
+
+        model = self.net.model
+        ranks = {n: m.r["default"] for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+        pattern = self.net.peft_config["default"].rank_pattern if self.adalora else None
+        for key, mask in (pattern or {}).items():
+            ranks[key.replace(".lora_E.default", "")] = int(sum(mask))
+        return ranks
+
+    def state_dict(self):
+        state = dict(history=self.history)
+        if self.adalora:  # AdaLoRA's importance averages and its current masks
+            ra = self.net.rankallocator
+            state.update(ipt=ra.ipt, exp_avg_ipt=ra.exp_avg_ipt, exp_avg_unc=ra.exp_avg_unc,
+                         rank_pattern=self.net.peft_config["default"].rank_pattern)
+        return {"peft": state}
+
+    def load_state_dict(self, state):
+        s = state["peft"]
+        self.history = s["history"]
+        if self.adalora:
+            ra = self.net.rankallocator
+            ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc = s["ipt"], s["exp_avg_ipt"], s["exp_avg_unc"]
+            self.net.peft_config["default"].rank_pattern = s["rank_pattern"]
+
+    def save_weights(self, path):
+        from safetensors.torch import save_file
+
+        save_file({n: p.detach().contiguous() for n, p in self.net.named_parameters() if p.requires_grad}, path)
+
+    def load_weights(self, path):
+        from safetensors.torch import load_file
+
+        missing, unexpected = self.net.load_state_dict(load_file(path), strict=False)
+        if unexpected:
+            raise ValueError(f"{path} does not fit this model: {unexpected[:3]}")
+
+    def save(self, out_dir):
+        self.saved.save_pretrained(os.path.join(out_dir, "adapter"))  # PEFT's adapter format
+
+
+def setup_method(model, args, targets, trainable, total_steps):
+    """Adapt `model` with args.method at FlexLoRA's trainable-parameter count. Returns (method, counts)."""
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and any(flexlora.matches(n, t) for t in targets)]
+    K, r = len(linears), args.r
+    sum_d = sum(m.in_features + m.out_features for m in linears)  # Σ (d_in + d_out)
+    # one direction of P, Λ, Q costs d_in + d_out + 1 parameters
+    counts = dict(matrices=K, total_rank=r * K, flexlora_adapter=r * (sum_d + K))
+    if args.method == "flexlora":
+        method = FlexLoRA(model, args, targets, trainable, total_steps)
+    else:
+        method = Peft(model, args, targets, trainable, total_steps, counts, sum_d)
+    params = [(n, p) for n, p in method.net.named_parameters() if p.requires_grad]
     adapter = count(p for n, p in params if re.search(r"(lora_[ABE]|\.P|\.Lambda|\.Q)(\.|$)", n))
     counts.update(adapter=adapter, head=count(p for _, p in params) - adapter,
-                  trainable=count(p for _, p in params), total=count(net.parameters()))
+                  trainable=count(p for _, p in params), total=count(method.net.parameters()))
     print(f"trainable parameters: adapters {adapter:,} + head {counts['head']:,} = {counts['trainable']:,} "
           f"({100 * counts['trainable'] / counts['total']:.2f}% of {counts['total'] / 1e6:.1f}M); "
-          f"FlexLoRA's adapters at r = {r}: {flex_count:,}")
-    return net, saved, allocator, counts
-
-
-def current_ranks(net, args):
-    """{module name: rank} of the adapted matrices, whatever the method."""
-    if args.method == "flexlora":
-        return flexlora.rank_pattern(net)
-    import peft
-
-    model = net.model  # the PEFT-wrapped transformer; names as in the unwrapped model
-    ranks = {n: m.r["default"] for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
-    pattern = net.peft_config["default"].rank_pattern if args.method == "adalora" else None
-    for key, mask in (pattern or {}).items():  # AdaLoRA: directions left unmasked
-        ranks[key.replace(".lora_E.default", "")] = int(sum(mask))
-    return ranks
+          f"FlexLoRA's adapters at r = {r}: {counts['flexlora_adapter']:,}")
+    return method, counts
 
 
 def build_optimizer(net, args):
@@ -260,24 +338,13 @@ def build_optimizer(net, args):
 # Checkpoints: written to checkpoint.tmp/, then swapped in, so a crash never leaves half of one
 
 
-def save_checkpoint(args, net, optimizer, scheduler, allocator, state):
+def save_checkpoint(args, method, optimizer, scheduler, state):
     out = os.path.join(args.output_dir, "checkpoint")
     tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    if args.method == "flexlora":
-        flexlora.save_adapter(net, os.path.join(tmp, "adapter.safetensors"))
-        state["allocator"] = allocator.state_dict()
-    else:
-        from safetensors.torch import save_file
-
-        save_file({n: p.detach().contiguous() for n, p in net.named_parameters() if p.requires_grad},
-                  os.path.join(tmp, "adapter.safetensors"))
-        if args.method == "adalora":  # AdaLoRA's importance averages and its current masks
-            ra = net.rankallocator
-            state["adalora"] = dict(ipt=ra.ipt, exp_avg_ipt=ra.exp_avg_ipt, exp_avg_unc=ra.exp_avg_unc,
-                                    rank_pattern=net.peft_config["default"].rank_pattern)
-    state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+    method.save_weights(os.path.join(tmp, "adapter.safetensors"))
+    state = dict(state, **method.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     torch.save(state, os.path.join(tmp, "state.pt"))
@@ -289,21 +356,23 @@ def save_checkpoint(args, net, optimizer, scheduler, allocator, state):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint_weights(args, net):
-    """Load the adapter saved in the checkpoint (do this before building the optimizer)."""
+def load_checkpoint(args, method):
+    """Load the checkpoint's adapter into `method` (before the optimizer is built on it); return its state."""
     ckpt = os.path.join(args.output_dir, "checkpoint")
     if not os.path.exists(ckpt) and os.path.exists(ckpt + ".old"):  # interrupted mid-swap
         ckpt += ".old"
-    path = os.path.join(ckpt, "adapter.safetensors")
-    if args.method == "flexlora":
-        flexlora.load_adapter(net, path)  # new Parameter objects, with the saved ranks
-    else:
-        from safetensors.torch import load_file
-
-        missing, unexpected = net.load_state_dict(load_file(path), strict=False)
-        if unexpected:
-            raise ValueError(f"{path} does not fit this model: {unexpected[:3]}")
+    method.load_weights(os.path.join(ckpt, "adapter.safetensors"))
     return torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+
+
+def restore(state, method, optimizer, scheduler):
+    """Put the optimizer, LR scheduler, method and RNG back where the checkpoint left them."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    method.load_state_dict(state)
+    torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 # -----------------------------------------------------------------------------
@@ -347,33 +416,25 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     evaluate(net) -> {metric: value}, with `score_key` the one that picks the best evaluation.
     Returns metrics.json's content, or None when --stop_after ends the run early.
     """
+    from transformers import get_linear_schedule_with_warmup
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     T = args.epochs * steps_per_epoch  # total optimizer steps
     fit_window(args, T)
     model.to(device)
-    net, saved, allocator, counts = setup_method(model, args, targets, trainable, T)
+    method, counts = setup_method(model, args, targets, trainable, T)
+    net = method.net
 
     # resume: the adapter first (new Parameter objects), then the optimizer built on them
-    state = load_checkpoint_weights(args, net) if args.resume else {}
+    state = load_checkpoint(args, method) if args.resume else {}
     optimizer = build_optimizer(net, args)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)
-    history, evals, start, elapsed = [], [], 0, 0.0
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if allocator is not None:
-            allocator.load_state_dict(state["allocator"])
-        if "adalora" in state:
-            ra, s = net.rankallocator, state["adalora"]
-            ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc = s["ipt"], s["exp_avg_ipt"], s["exp_avg_unc"]
-            net.peft_config["default"].rank_pattern = s["rank_pattern"]
-        torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        history, evals, start, elapsed = state["history"], state["evals"], state["step"], state["elapsed"]
-        print(f"resumed at step {start} of {T}")
-    initial_ranks = state.get("initial_ranks") or current_ranks(net, args)
+        restore(state, method, optimizer, scheduler)
+        print(f"resumed at step {state['step']} of {T}")
+    start, evals, elapsed = state.get("step", 0), state.get("evals", []), state.get("elapsed", 0.0)
+    initial_ranks = state.get("initial_ranks") or method.ranks()
     eval_steps = args.eval_every * steps_per_epoch
     ckpt_steps = args.ckpt_every or eval_steps
     print(f"{len(train_set):,} training examples, batch {args.batch_size}: {steps_per_epoch} steps/epoch, "
@@ -400,14 +461,12 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
 
         # forward, backward, step
         with autocast(args, device):
-            loss = net(**batch).loss  # task loss (+ AdaLoRA's γ·R, added by PEFT)
+            loss = net(**batch).loss  # task loss (+ AdaLoRA's penalty, added by PEFT)
         loss_sum += loss.detach()
-        if args.method == "flexlora":
-            # flexlora's R is a mean over adapters of both factors' terms, twice the authors'
-            # normalisation (a mean over the 2K factors): 0.5·γ·R keeps METHOD.md's γ
-            orth = flexlora.orthogonal_regularizer(net)
+        orth = method.regularizer()  # FlexLoRA's R
+        if orth is not None:
             orth_sum += orth.detach()
-            loss = loss + 0.5 * args.gamma * orth
+            loss = loss + args.gamma * orth  # the paper's loss: task + γ·R
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]  # current objects
         if args.max_grad_norm > 0:
@@ -415,18 +474,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         optimizer.step()
         scheduler.step()
         t = step + 1  # optimizer steps taken
-
-        # rank allocation: after optimizer.step() and the LR scheduler, before zero_grad()
-        if args.method == "flexlora":
-            record = allocator.step(t, optimizer)  # swaps Parameters and re-points the optimizer
-            if record:
-                history.append(record)
-        elif args.method == "adalora":
-            pattern = net.peft_config["default"].rank_pattern
-            net.update_and_allocate(t)  # PEFT: every step (importance EMA), masks every deltaT
-            if net.peft_config["default"].rank_pattern is not pattern:  # a new mask was set
-                ranks = current_ranks(net, args)
-                history.append(dict(step=t, total=sum(ranks.values()), ranks=ranks))
+        method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
         optimizer.zero_grad(set_to_none=True)
         n_logged += 1
         pbar.update(1)
@@ -435,11 +483,9 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         if t % args.log_every == 0 or t == T:
             ms = 1000 * (time.time() - tick) / n_logged
             line = f"step {t} | loss {loss_sum.item() / n_logged:.4f}"
-            if args.method == "flexlora":
-                c = allocator.config
-                b = flexlora.budget(t, c["b0"], c["t_warmup"], c["t_final"], T, c["schedule"])
-                line += f" | orth {orth_sum.item() / n_logged:.4f} | b(t) {b}"
-            line += f" | rank {sum(current_ranks(net, args).values())} | lr {scheduler.get_last_lr()[0]:.1e}"
+            if orth is not None:
+                line += f" | orth {orth_sum.item() / n_logged:.4f} | b(t) {method.budget(t)}"
+            line += f" | rank {sum(method.ranks().values())} | lr {scheduler.get_last_lr()[0]:.1e}"
             pbar.write(line + f" | {ms:.0f} ms/step")
             loss_sum.zero_(), orth_sum.zero_()
             n_logged, tick = 0, time.time()
@@ -454,34 +500,39 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         # checkpoint (and a stop, to simulate an interruption)
         stop = t == args.stop_after and t < T
         if t % ckpt_steps == 0 or stop:
-            state = dict(step=t, history=history, evals=evals, initial_ranks=initial_ranks,
-                         elapsed=elapsed + time.time() - t0)
-            save_checkpoint(args, net, optimizer, scheduler, allocator, state)
+            save_checkpoint(args, method, optimizer, scheduler, dict(
+                step=t, evals=evals, initial_ranks=initial_ranks, elapsed=elapsed + time.time() - t0))
         if stop:
             pbar.close()
             print(f"stopped after step {t} (--stop_after); continue with --resume {args.output_dir}")
             return None
     pbar.close()
     elapsed += time.time() - t0
+    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key)
 
-    # outputs: metrics, rank history, adapter, pictures
+
+# -----------------------------------------------------------------------------
+# Outputs of a run: metrics, rank history, adapter, pictures
+
+
+def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key):
     best = max(evals, key=lambda e: e[score_key])
-    final_ranks = current_ranks(net, args)
+    final_ranks = method.ranks()
     counts["final_total_rank"] = sum(final_ranks.values())
-    if args.method == "flexlora":  # rank moves between matrices of different shapes (METHOD.md §1)
-        layers = flexlora.adapters(net).values()
+    stats = None
+    if args.method == "flexlora":  # rank moves between matrices of different shapes: count again
+        layers = flexlora.adapters(method.net).values()
         counts["final_adapter"] = sum(m.r * (m.P.shape[0] + m.Q.shape[1] + 1) for m in layers)
+        h = method.history
+        stats = dict(allocations=len(h), expanded=sum(len(r["expanded"]) for r in h),
+                     pruned=sum(len(r["pruned"]) for r in h), **churn(h))
     result = dict(config=vars(args), counts=counts, evals=evals, final=evals[-1], best=best,
-                  allocation_stats=allocation_stats(history) if args.method == "flexlora" else None,
-                  wall_time_s=round(elapsed, 1), train_steps=T, device=str(device))
+                  allocation_stats=stats, wall_time_s=round(elapsed, 1), train_steps=T, device=str(device))
     write_json(os.path.join(args.output_dir, "metrics.json"), result)
     write_json(os.path.join(args.output_dir, "rank_history.json"),
-               dict(method=args.method, initial=initial_ranks, history=history, final=final_ranks))
-    if args.method == "flexlora":
-        flexlora.save_adapter(net, os.path.join(args.output_dir, "adapter.safetensors"))
-    else:
-        saved.save_pretrained(os.path.join(args.output_dir, "adapter"))  # PEFT's adapter format
-    plot_ranks(final_ranks, initial_ranks, history, T, args.output_dir, args.method)
+               dict(method=args.method, initial=initial_ranks, history=method.history, final=final_ranks))
+    method.save(args.output_dir)
+    plot_ranks(final_ranks, initial_ranks, method.history, T, args.output_dir, args.method)
     print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items() if k not in ("step", "epoch")))
     print(f"best (step {best['step']}): {score_key} {best[score_key]:.4f}; {elapsed:.0f} s; "
           f"outputs in {args.output_dir}")
@@ -493,18 +544,18 @@ def write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def allocation_stats(history):
-    """Prune/expand oscillation (METHOD.md §5): added directions removed at the very next
-    allocation, and matrices that flip between the prune and expand sets."""
-    expanded = sum(len(h["expanded"]) for h in history)
-    removed_next = flips = 0
+def churn(history):
+    """Prune/expand oscillation in RankAllocator.history: of the directions added at one allocation
+    (added_with_a_next: those followed by another allocation), how many the very next one removed
+    (added_removed_at_next), and the matrices that flip between the prune and expand sets."""
+    added = removed = flips = 0
     for prev, cur in zip(history, history[1:]):
+        added += len(prev["expanded"])
         # a new direction is appended last: index prev_rank - 1 until the next allocation
-        removed_next += sum(cur["removed"].get(n) == prev["ranks"][n] - 1 for n in prev["expanded"])
+        removed += sum(cur["removed"].get(n) == prev["ranks"][n] - 1 for n in prev["expanded"])
         flips += len(set(prev["expanded"]) & set(cur["pruned"]))  # grown, then pruned
         flips += len(set(prev["pruned"]) & set(cur["expanded"]))  # pruned, then grown
-    return dict(allocations=len(history), expanded=expanded, pruned=sum(len(h["pruned"]) for h in history),
-                added_removed_at_next=removed_next, flips=flips)
+    return dict(added_with_a_next=added, added_removed_at_next=removed, flips=flips)
 
 
 # -----------------------------------------------------------------------------

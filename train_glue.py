@@ -31,18 +31,20 @@ import train_common as common
 # -----------------------------------------------------------------------------
 # The tasks
 
-# METHOD.md §6: the authors' per-task settings for DeBERTa-v3-base. Their r (2-3) is replaced by
-# r = 12 for every task: the paper's GLUE budget of ~1.9M trainable adapter parameters.
+# The authors' per-task settings for DeBERTa-v3-base (their released GLUE scripts). Their r (2-3)
+# is replaced by r = 12 for every task: the paper's GLUE budget of ~1.9M adapter parameters.
+# γ is the paper's (loss = task + γ·R, R a mean over adapted matrices): their scripts' 0.1 / 0.3
+# weigh an R averaged over the 2K factors, i.e. R/2, so the same loss is γ = 0.05 / 0.15 here.
 HPARAMS = ("alpha", "lr", "epochs", "max_length", "weight_decay", "gamma", "t_w", "t_f", "delta")
 TASKS = {
-    "cola": (32, 8e-4, 25, 64, 0.0, 0.1, 800, 3500, 10),
-    "sst2": (16, 8e-4, 24, 128, 0.01, 0.1, 6000, 22000, 100),
-    "mrpc": (32, 1e-3, 30, 320, 0.01, 0.1, 600, 1800, 1),
-    "qqp": (16, 8e-4, 5, 320, 0.01, 0.1, 8000, 25000, 100),
-    "stsb": (32, 2.2e-3, 25, 128, 0.1, 0.3, 800, 2000, 10),
-    "mnli": (16, 5e-4, 7, 256, 0.0, 0.1, 8000, 50000, 100),
-    "qnli": (32, 5e-4, 5, 512, 0.01, 0.1, 2000, 8000, 100),
-    "rte": (32, 1.2e-3, 50, 320, 0.01, 0.3, 600, 1800, 1),
+    "cola": (32, 8e-4, 25, 64, 0.0, 0.05, 800, 3500, 10),
+    "sst2": (16, 8e-4, 24, 128, 0.01, 0.05, 6000, 22000, 100),
+    "mrpc": (32, 1e-3, 30, 320, 0.01, 0.05, 600, 1800, 1),
+    "qqp": (16, 8e-4, 5, 320, 0.01, 0.05, 8000, 25000, 100),
+    "stsb": (32, 2.2e-3, 25, 128, 0.1, 0.15, 800, 2000, 10),
+    "mnli": (16, 5e-4, 7, 256, 0.0, 0.05, 8000, 50000, 100),
+    "qnli": (32, 5e-4, 5, 512, 0.01, 0.05, 2000, 8000, 100),
+    "rte": (32, 1.2e-3, 50, 320, 0.01, 0.15, 600, 1800, 1),
 }
 
 # where the data sits: GLUE folder, the Hub's text columns, the TSV's text and label columns,
@@ -256,7 +258,7 @@ def load_model(args):
 
 
 # -----------------------------------------------------------------------------
-# GLUE metrics (METHOD.md §8), as the GLUE benchmark defines them
+# GLUE metrics, as the GLUE benchmark defines them
 
 
 def glue_metrics(task, logits, labels):
@@ -296,7 +298,7 @@ def get_args(argv=None):
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="microsoft/deberta-v3-base", help="Hub name or local checkpoint")
     common.add_common_args(parser)
-    # defaults: METHOD.md §6 for the task, then --smoke's, then whatever the command line says
+    # defaults: the task's (TASKS), then --smoke's, then whatever the command line says
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--task", type=task_name, default="cola")
     first.add_argument("--smoke", action="store_true")

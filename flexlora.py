@@ -11,13 +11,17 @@ References:
 3) LoRA, Hu et al., ICLR 2022, https://arxiv.org/abs/2106.09685
 
 Symbols: P, Λ, Q here are lora_B, lora_E, lora_A in AdaLoRA and PEFT. Every place where we
-depart from the paper or from the authors' code is marked "Deviation".
+depart from the paper or from the authors' code is marked "Deviation". Every function checks
+its arguments before it changes anything: after an error, all is left as it was.
 """
 
 import functools
 import json
 import math
+import numbers
+import os
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -26,6 +30,25 @@ import torch.nn.functional as F
 SIGMA_INIT = 0.02  # std of the entries of P and Q, at init and for new directions (AdaLoRA's)
 EPS = 1e-8  # the ε inside log(s_i + ε) of the entropy (paper §3)
 _RANK_DIM = {"P": 1, "Lambda": 0, "Q": 0}  # the axis of each factor that indexes directions
+_FIRST = {"sum": "initial_accumulator_value", "step_size": "lr"}  # optimizer state not starting at 0
+
+
+def _need(ok: bool, msg: str):  # a user error gets one clear message saying what to do
+    if not ok:
+        raise ValueError(msg)
+
+
+def _int(name: str, v, lo: int) -> int:
+    _need(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo,
+          f"{name} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _alpha(name: str, v) -> float:
+    _need(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf,
+          f"{name} must be a finite number > 0 (the paper's runs use 16 or 32), got {v!r}")
+    return float(v)
+
 
 # -----------------------------------------------------------------------------
 # The adapter
@@ -42,16 +65,11 @@ class FlexLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"FlexLoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r} (the paper's runs use 16 or 32)")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        _need(isinstance(base, nn.Linear), f"FlexLoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        r, alpha = _int("r", r, 1), _alpha("alpha", alpha)
+        _need(isinstance(dropout, numbers.Real) and 0 <= dropout < 1, f"dropout must be in [0, 1): {dropout!r}")
         self.base = base.requires_grad_(False)  # W and c stay frozen
-        self.r_init, self.alpha = r, float(alpha)
+        self.r_init, self.alpha = r, alpha
         self.scaling = self.alpha / r  # s, fixed for the adapter's lifetime
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -78,7 +96,9 @@ class FlexLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """W ← W + ΔW, for inference or export. Explicit: train()/eval() never merge."""
+        """W ← W + ΔW, for inference or export. Explicit: train()/eval() never merge.
+        In bf16 or fp16, merge() then unmerge() rounds W twice (by up to 2⁻⁸ of max|W + ΔW|, and
+        cycles add up); in fp32 it is exact to ~1e-7. Merge once, to export, or keep W in fp32."""
         if not self.merged:
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
@@ -96,12 +116,20 @@ class FlexLoRALinear(nn.Module):
 
 def adapters(model: nn.Module) -> dict:
     """{module name: FlexLoRALinear} for every adapter in the model, sorted by name."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module (the model), got {type(model).__name__}")
     return dict(sorted((n, m) for n, m in model.named_modules() if isinstance(m, FlexLoRALinear)))
 
 
 def rank_pattern(model: nn.Module) -> dict:
     """{module name: current rank}."""
     return {name: layer.r for name, layer in adapters(model).items()}
+
+
+def _injected(model: nn.Module) -> dict:  # adapters(model), of which there must be some
+    layers = adapters(model)
+    _need(layers, "the model has no FlexLoRA adapters: call flexlora.inject() first")
+    return layers
 
 
 # -----------------------------------------------------------------------------
@@ -119,10 +147,10 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def _as_list(patterns, what: str) -> list:
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    if not all(isinstance(p, str) and p for p in patterns):
-        raise ValueError(f"{what} must be a string or a list of non-empty strings, got {patterns!r}")
-    return patterns
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    _need(isinstance(patterns, (list, tuple, set)) and all(isinstance(p, str) and p for p in patterns),
+          f"{what} must be a string or a list of non-empty strings, got {patterns!r}")
+    return list(patterns)
 
 
 def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0,
@@ -130,31 +158,30 @@ def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: floa
     """Replace the nn.Linear modules named by `target_modules` with FlexLoRALinear, in place.
 
     Freezes every other parameter except those of modules (or parameters) named by
-    `trainable`, e.g. ("classifier", "pooler"). Returns {module name: FlexLoRALinear}.
+    `trainable`, e.g. ("classifier", "pooler"): these are trained in full, never wrapped, even
+    where a target pattern such as ".*" covers them. Returns {module name: FlexLoRALinear}.
     """
     targets, keep = _as_list(target_modules, "target_modules"), _as_list(trainable, "trainable")
-    if not targets:
-        raise ValueError("target_modules is empty: name the nn.Linear modules to adapt")
-    if adapters(model):
-        raise ValueError("the model already has FlexLoRA adapters: inject() once per model")
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [n for n in linears if any(matches(n, t) for t in targets)]
-    missing = [t for t in targets if not any(matches(n, t) for n in linears)]
-    if missing:  # list the Linear names that do exist, with layer indices collapsed to N
-        known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in linears})
-        raise ValueError(f"target_modules {missing} match no nn.Linear in the model. "
-                         f"Its Linear modules are: {known}")
+    _need(targets, "target_modules is empty: name the nn.Linear modules to adapt")
+    _need(not adapters(model), "the model already has FlexLoRA adapters: inject() once per model")
     names = [n for n, _ in model.named_parameters()]
     missing = [t for t in keep if not any(_param_matches(n, t) for n in names)]
-    if missing:
-        raise ValueError(f"trainable {missing} match no module or parameter of the model")
+    _need(not missing, f"trainable {missing} match no module or parameter of the model")
+    trained = {n for n in names if any(_param_matches(n, t) for t in keep)}
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" not in trained]
+    missing = [t for t in targets if not any(matches(n, t) for n in linears)]
+    known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in linears})  # layer indices collapsed to N
+    _need(not missing, f"target_modules {missing} match no nn.Linear of the model outside `trainable`. "
+                       f"Its Linear modules are: {known}")
 
-    for name, p in model.named_parameters():  # freeze everything but the `trainable` ones
-        p.requires_grad_(any(_param_matches(name, t) for t in keep))
-    for name in chosen:  # then wrap the targets (their base weights stay frozen)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, FlexLoRALinear(getattr(parent, child), r, alpha, dropout))
+    # wrap the targets (this checks r, alpha, dropout), then freeze all but `trainable`, then swap in
+    wrapped = {n: FlexLoRALinear(model.get_submodule(n), r, alpha, dropout)
+               for n in linears if any(matches(n, t) for t in targets)}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trained)
+    for name, layer in wrapped.items():  # (their base weights stay frozen)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
     return adapters(model)
 
 
@@ -175,9 +202,11 @@ def spectral_entropy(Lambda: torch.Tensor) -> torch.Tensor:
 
     Low I: the energy sits in few directions (prune). High I: spread over all (expand).
     Conventions where the paper is silent (the authors' code returns NaN for both):
-    r = 1 gives 0, and Σλ² = 0 gives 0. Computed in float64, so never NaN or inf.
+    r = 1 gives 0, and Σλ² = 0 gives 0. Computed in float64, so never NaN or inf; a
+    non-finite λ (diverged training) raises ValueError. Lambda: a tensor or a list of numbers.
     """
-    lam = Lambda.detach().reshape(-1).to(torch.float64)
+    lam = torch.as_tensor(Lambda).detach().reshape(-1).to(torch.float64)
+    _need(torch.isfinite(lam).all(), f"non-finite λ {lam.tolist()[:8]}: training diverged; lower the LR")
     r = lam.numel()
     peak = lam.abs().max() if r else lam.new_zeros(())
     if r <= 1 or peak == 0:
@@ -198,7 +227,7 @@ def budget(t: int, b0: int, t_warmup: int, t_final: int, total_steps: int,
     what the authors' released code runs (its cubic scheduler is off by default).
     """
     _check_schedule(b0, t_warmup, t_final, total_steps, schedule)
-    if t <= t_warmup or t > total_steps - t_final:
+    if _int("t", t, 0) <= t_warmup or t > total_steps - t_final:
         return 0
     if schedule == "constant":
         return b0
@@ -209,19 +238,16 @@ def budget(t: int, b0: int, t_warmup: int, t_final: int, total_steps: int,
 
 def _check_schedule(b0, t_warmup, t_final, total_steps, schedule):
     for name, v in dict(b0=b0, t_warmup=t_warmup, t_final=t_final, total_steps=total_steps).items():
-        if not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-    if total_steps <= t_warmup + t_final:
-        raise ValueError(f"total_steps ({total_steps}) must exceed t_warmup + t_final "
-                         f"({t_warmup} + {t_final}): shorten the warm-up or final phase")
-    if schedule not in ("cubic", "constant"):
-        raise ValueError(f"schedule must be 'cubic' (the paper) or 'constant', got {schedule!r}")
+        _int(name, v, 0)
+    _need(total_steps > t_warmup + t_final, f"total_steps ({total_steps}) must exceed t_warmup + t_final "
+                                             f"({t_warmup} + {t_final}): shorten the warm-up or final phase")
+    _need(schedule in ("cubic", "constant"), f"schedule must be 'cubic' (the paper) or 'constant': {schedule!r}")
 
 
 def orthogonal_regularizer_plain(model: nn.Module) -> torch.Tensor:
     """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F (unsquared; paper §2), one adapter at
     a time. Reads as the definition; orthogonal_regularizer below computes the same, faster."""
-    layers = adapters(model).values()
+    layers = _injected(model).values()
     norm = torch.linalg.matrix_norm  # Frobenius
     eye = lambda m: torch.eye(m.r, device=m.P.device)
     return sum(norm(m.P.T @ m.P - eye(m)) + norm(m.Q @ m.Q.T - eye(m)) for m in layers) / len(layers)
@@ -234,9 +260,7 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
     PᵢᵀPᵢ are kept (likewise the Q's of equal width, stacked). The loss adds γ · R.
     Deviation (authors' code): they average over the 2K factors, half of R, so their γ is twice ours.
     """
-    layers = adapters(model)
-    if not layers:
-        raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
+    layers = _injected(model)
     groups = {}  # one group per factor kind, size and device
     for layer in layers.values():
         groups.setdefault(("P", layer.P.shape[0], layer.P.device), []).append(layer.P)  # directions = columns
@@ -275,7 +299,7 @@ def _resize(layer: FlexLoRALinear, keep: list, grow: bool, gen: torch.Generator,
     New Parameter objects replace the old ones (an in-place resize breaks the backward of any
     autograd graph still alive, e.g. last step's `loss`); the optimizer is re-pointed at them,
     its groups' settings kept, and state of the parameter's shape (Adam's exp_avg / exp_avg_sq,
-    SGD's momentum) sliced and zero-padded the same way.
+    SGD's momentum, Adagrad's sum) sliced, and padded with the value the optimizer starts it at.
     Deviation (authors' code): they rebuild the optimizer, losing all of that.
     """
     fresh = {}
@@ -294,9 +318,9 @@ def _resize(layer: FlexLoRALinear, keep: list, grow: bool, gen: torch.Generator,
 
         param = nn.Parameter(reshape(old.detach(), fresh.get(name)), requires_grad=old.requires_grad)
         setattr(layer, name, param)
-        if optimizer is not None:  # optimizer state of a new direction starts at zero
-            zero = torch.zeros_like(fresh[name]) if grow else None
-            _repoint(optimizer, old, param, lambda t: reshape(t, zero))
+        if optimizer is not None:  # a new direction's state starts where the optimizer starts it
+            pad = lambda first: torch.full_like(fresh[name], first) if grow else None
+            _repoint(optimizer, old, param, lambda t, first: reshape(t, pad(first)))
 
 
 def _repoint(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, reshape):
@@ -306,11 +330,27 @@ def _repoint(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parame
             if p is old:
                 group["params"][i] = new
                 state = optimizer.state.pop(old, {})
-                optimizer.state[new] = {k: reshape(v) if torch.is_tensor(v) and v.shape == old.shape
-                                        else v for k, v in state.items()}
+                optimizer.state[new] = {k: reshape(v, float(group.get(_FIRST.get(k), 0.0)))  # Adagrad, Rprop
+                                        if torch.is_tensor(v) and v.shape == old.shape else v
+                                        for k, v in state.items()}
                 return
-    raise ValueError("the optimizer does not hold the adapter parameters: build it from "
-                     "model.parameters() after flexlora.inject(), and pass it to step()")
+
+
+def _check_optimizer(optimizer, params: list):
+    """Before an allocation changes anything: can the optimizer follow `params` as they resize?"""
+    if optimizer is None:
+        if any(p.requires_grad for p in params):
+            warnings.warn("RankAllocator.step(t) resized adapters with no optimizer: the new parameters "
+                          "are in none and will not train; pass it: step(t, optimizer)", stacklevel=3)
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    _need(all(id(p) in held for p in params if p.requires_grad), "the optimizer does not hold the adapter "
+          "parameters: build it from model.parameters() after flexlora.inject(), and pass it to step()")
+    kind = type(optimizer).__name__  # LBFGS: flat state; Adafactor: factored row/column statistics
+    shaped = all(not torch.is_tensor(v) or v.dim() == 0 or v.shape == p.shape
+                 for p in params for v in optimizer.state.get(p, {}).values())
+    _need(kind not in ("LBFGS", "Adafactor") and shaped, f"{kind} keeps state not shaped like each parameter, "
+          f"which a rank change cannot resize: use Adam, AdamW, SGD, RMSprop, Adagrad or Rprop")
 
 
 # -----------------------------------------------------------------------------
@@ -330,21 +370,18 @@ class RankAllocator:
     def __init__(self, model: nn.Module, b0: int, t_warmup: int, t_final: int, total_steps: int,
                  interval: int, r_min: int = 1, r_max: int = None, seed: int = 0, schedule: str = "cubic"):
         _check_schedule(b0, t_warmup, t_final, total_steps, schedule)
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        if not isinstance(r_min, int) or r_min < 1:
-            raise ValueError(f"r_min must be an integer >= 1, got {r_min!r}")
-        if r_max is not None and (not isinstance(r_max, int) or r_max < r_min):
-            raise ValueError(f"r_max must be None (no cap) or an integer >= r_min={r_min}, got {r_max!r}")
-        self.model = model
-        self.layers = adapters(model)
-        if not self.layers:
-            raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
+        interval, r_min, seed = _int("interval", interval, 1), _int("r_min", r_min, 1), _int("seed", seed, 0)
+        r_max = None if r_max is None else _int("r_max (None: no cap)", r_max, r_min)
+        self.model, self.layers = model, _injected(model)
+        outside = {n: m.r for n, m in self.layers.items() if not r_min <= m.r <= (r_max or m.r)}
+        _need(not outside, f"r_min={r_min} and r_max={r_max} must bracket every adapter's current rank "
+                           f"(or nothing moves), not {dict(list(outside.items())[:3])}")
         self.config = dict(b0=b0, t_warmup=t_warmup, t_final=t_final, total_steps=total_steps,
                            interval=interval, r_min=r_min, r_max=r_max, seed=seed, schedule=schedule)
         # our own generator: same seed -> same new directions, on every process of a multi-GPU run
         self.generator = torch.Generator().manual_seed(seed)
         self.history = []
+        self.last_step = 0  # the t of the last step() call: t must move forward
 
     def spectra(self) -> dict:
         """{module name: λ as a float32 CPU tensor}, with one device-to-host copy in all."""
@@ -360,12 +397,16 @@ class RankAllocator:
 
     def step(self, t: int, optimizer: torch.optim.Optimizer = None):
         """Run an allocation if one is due at step t. Returns its record, or None."""
+        _need(_int("t", t, 1) > self.last_step, f"step({t}) after step({self.last_step}): t counts the "
+              f"optimizer steps taken and must increase (to resume, load_state_dict() the saved allocator)")
+        if optimizer is not None and not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         c = self.config
         b = budget(t, c["b0"], c["t_warmup"], c["t_final"], c["total_steps"], c["schedule"])
         if b == 0 or (t - c["t_warmup"]) % c["interval"] != 0:
+            self.last_step = t
             return None
-        if any(m.merged for m in self.layers.values()):
-            raise ValueError("an adapter is merged: call unmerge() before training on")
+        _need(not any(m.merged for m in self.layers.values()), "an adapter is merged: unmerge() it to train on")
         lams = self.spectra()
         scores = self.scores(lams)
         ranks = {n: lam.numel() for n, lam in lams.items()}
@@ -381,6 +422,7 @@ class RankAllocator:
             k -= 1
         pruned = prune[:k]
         expanded = [n for n in grow if n not in pruned][:k]
+        _check_optimizer(optimizer, [getattr(self.layers[n], f) for n in pruned + expanded for f in _RANK_DIM])
 
         # 3) prune: drop the direction with the smallest |λ|
         # Deviation (authors' code): they take the signed argmin, which can drop the strongest.
@@ -396,21 +438,25 @@ class RankAllocator:
         record = dict(step=t, b=b, k=k, scores=scores, pruned=pruned, removed=removed,
                       expanded=expanded, ranks={n: m.r for n, m in self.layers.items()})
         self.history.append(record)
+        self.last_step = t
         return record
 
     def state_dict(self) -> dict:
         return {"config": dict(self.config), "generator": self.generator.get_state(),
-                "history": list(self.history)}
+                "history": list(self.history), "last_step": self.last_step}
 
     def load_state_dict(self, d: dict):
-        if d["config"] != self.config:
-            raise ValueError(f"allocator state was saved with {d['config']}, this allocator has "
-                             f"{self.config}: build it with the same settings to resume")
-        if d["history"] and d["history"][-1]["ranks"] != rank_pattern(self.model):
-            raise ValueError("allocator state does not fit the adapters: inject the same "
-                             "target_modules and load_adapter() the checkpoint saved with it first")
+        _need(isinstance(d, dict) and {"config", "generator", "history"} <= set(d),
+              "load_state_dict() takes what RankAllocator.state_dict() returned")
+        _need(d["config"] == self.config, f"allocator state was saved with {d['config']}, this allocator has "
+                                          f"{self.config}: build it with the same settings to resume")
+        ranks = d["history"][-1]["ranks"] if d["history"] else rank_pattern(self.model)
+        _need(ranks == rank_pattern(self.model), "allocator state does not fit the adapters: inject the same "
+              "target_modules and load_adapter() the checkpoint saved with it first")
         self.generator.set_state(d["generator"])
         self.history = list(d["history"])
+        # checkpoints written before last_step was kept: the last allocation's step
+        self.last_step = d.get("last_step", d["history"][-1]["step"] if d["history"] else 0)
 
 
 # -----------------------------------------------------------------------------
@@ -420,9 +466,7 @@ def save_adapter(model: nn.Module, path: str):
     """Save every trainable parameter (adapters and heads) with each adapter's alpha and r_init."""
     from safetensors.torch import save_file
 
-    layers = adapters(model)
-    if not layers:
-        raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
+    layers = _injected(model)
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     tensors |= {f"{name}.{f}": getattr(layer, f).detach().contiguous()  # even if the user froze some
                 for name, layer in layers.items() for f in _RANK_DIM}
@@ -436,36 +480,55 @@ def load_adapter(model: nn.Module, path: str):
     The ranks, alpha and r_init come from the file, whatever r the model was injected with.
     Build the optimizer after loading: the adapter parameters are new objects.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, "pt") as f:  # metadata and tensors in one read
-        meta = f.metadata() or {}
-        if meta.get("format") != "flexlora":
-            raise ValueError(f"{path} is not a flexlora.save_adapter() file")
-        config, tensors = json.loads(meta["adapters"]), {k: f.get_tensor(k) for k in f.keys()}
-    layers = adapters(model)
-    if set(config) != set(layers):
-        extra, absent = sorted(set(config) - set(layers)), sorted(set(layers) - set(config))
-        raise ValueError(f"{path} does not fit this model: adapters only in the file {extra}, "
-                         f"only in the model {absent}; inject the same target_modules as saved")
-    params = dict(model.named_parameters())
-    for name, layer in layers.items():
-        P, Lambda, Q = (tensors.pop(f"{name}.{f}") for f in _RANK_DIM)
-        if P.shape[0] != layer.P.shape[0] or Q.shape[1] != layer.Q.shape[1]:
-            raise ValueError(f"adapter {name}: the file has ΔW of shape ({P.shape[0]}, {Q.shape[1]}), "
-                             f"the model ({layer.P.shape[0]}, {layer.Q.shape[1]})")
+    layers, params = adapters(model), dict(model.named_parameters())
+    _need(not os.path.isdir(path), f"{path} is a directory: pass the file that save_adapter() wrote")
+    try:  # read all of it (metadata and tensors in one read), then check all of it
+        with safe_open(path, "pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        config = _check_adapter_file(meta, tensors, layers, params)
+    except (ValueError, SafetensorError) as e:
+        raise ValueError(f"{path} cannot be loaded, nothing was changed: {e}") from None
+
+    for name, layer in layers.items():  # then apply, knowing that all of it fits
         layer.unmerge()
-        for f, value in (("P", P), ("Lambda", Lambda), ("Q", Q)):
+        for f in _RANK_DIM:
             old = getattr(layer, f)
-            setattr(layer, f, nn.Parameter(value.to(old.device, old.dtype), old.requires_grad))
-        layer.r_init, layer.alpha = config[name]["r_init"], config[name]["alpha"]
+            value = tensors.pop(f"{name}.{f}").to(old.device, old.dtype)
+            setattr(layer, f, nn.Parameter(value, requires_grad=old.requires_grad))
+        layer.r_init, layer.alpha = config[name]
         layer.scaling = layer.alpha / layer.r_init
-    for name, value in tensors.items():  # the other trainable parameters, e.g. the classifier
-        if name not in params or params[name].shape != value.shape:
-            have = tuple(params[name].shape) if name in params else "nothing"
-            raise ValueError(f"{path} holds {name} of shape {tuple(value.shape)}, the model {have}")
-        with torch.no_grad():
+    with torch.no_grad():
+        for name, value in tensors.items():  # the other trainable parameters, e.g. the classifier
             params[name].copy_(value)
+
+
+def _check_adapter_file(meta: dict, tensors: dict, layers: dict, params: dict) -> dict:
+    """load_adapter's checks, all before anything changes. Returns {adapter: (r_init, alpha)}."""
+    _need(meta.get("format") == "flexlora" and "adapters" in meta, "not a flexlora.save_adapter() file")
+    try:
+        config = json.loads(meta["adapters"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"its 'adapters' metadata is broken JSON ({e})") from None
+    _need(isinstance(config, dict) and all(isinstance(c, dict) for c in config.values()),
+          "its 'adapters' metadata is not a {module name: {r, r_init, alpha}} object")
+    extra, absent = sorted(set(config) - set(layers)), sorted(set(layers) - set(config))
+    _need(not extra and not absent, f"adapters only in the file {extra}, only in the model {absent}; "
+                                    f"inject the same target_modules as saved")
+    own = [f"{n}.{f}" for n in layers for f in _RANK_DIM]
+    _need(set(own) <= set(tensors), f"tensors {sorted(set(own) - set(tensors))[:3]} are missing")
+    for name, layer in layers.items():
+        P, lam, Q = (tensors[f"{name}.{f}"] for f in _RANK_DIM)  # P: (d_out, r), λ: (r,), Q: (r, d_in)
+        r, d_out, d_in = lam.shape[0] if lam.dim() == 1 else 0, layer.P.shape[0], layer.Q.shape[1]
+        _need(r >= 1 and P.shape == (d_out, r) and Q.shape == (r, d_in), f"adapter {name}: P {tuple(P.shape)}, "
+              f"λ {tuple(lam.shape)}, Q {tuple(Q.shape)} make no ΔW of the model's shape ({d_out}, {d_in})")
+    for name, value in tensors.items():
+        have = tuple(params[name].shape) if name in params else "nothing"
+        _need(name in own or have == value.shape, f"has {name} of shape {tuple(value.shape)}, the model {have}")
+        _need(torch.isfinite(value).all(), f"{name} holds non-finite values (saved from a diverged run?)")
+    return {n: (_int(f"{n}: r_init", c.get("r_init"), 1), _alpha(f"{n}: alpha", c.get("alpha")))
+            for n, c in config.items()}
 
 
 def merge(model: nn.Module):

@@ -3,8 +3,11 @@
     python -m pytest -q test_flexlora.py
 """
 
+import copy
+import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,9 @@ import torch.nn as nn
 
 import flexlora as fl
 from demo import Matrices, make_problem, train
+
+# most tests allocate without an optimizer on purpose; the warning itself has its own test
+pytestmark = pytest.mark.filterwarnings("ignore:RankAllocator.step.t. resized adapters with no optimizer")
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -41,6 +47,38 @@ def allocator(model, b0=1, interval=1, **kw):
 
 
 FLAT, PEAKED = [1.0, 1.0, 1.0], [5.0, 0.01, 0.0]  # entropy 1 and ≈ 0
+
+
+def same(a, b):
+    """Equal nested dicts / lists / tensors (exact, shapes included)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def snapshot(model, opt=None):
+    """What a failing call must leave as it was: the modules, the parameter objects, their values
+    and flags, and the optimizer (its state, and the parameter objects it holds)."""
+    return (dict(model.named_modules()),
+            {n: (p, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+            opt and copy.deepcopy(opt.state_dict()), opt and [list(g["params"]) for g in opt.param_groups])
+
+
+def assert_unchanged(model, snap, opt=None):
+    modules, params, opt_state, opt_params = snap
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules())
+    now = dict(model.named_parameters())
+    assert now.keys() == params.keys()
+    for n, (p, value, flag) in params.items():
+        assert now[n] is p and torch.equal(p, value) and p.requires_grad == flag, n
+    if opt is not None:
+        assert same(opt.state_dict(), opt_state)
+        assert all(a is b for g, held in zip(opt.param_groups, opt_params) for a, b in zip(g["params"], held))
 
 # -----------------------------------------------------------------------------
 # 1. the adapter
@@ -106,6 +144,13 @@ def test_spectral_entropy_is_sign_and_scale_safe():
         assert 0.0 <= v <= 1.0
 
 
+def test_spectral_entropy_refuses_non_finite_and_takes_a_list():
+    for bad in ([float("nan"), 1.0, 2.0], [float("inf"), 1.0]):  # not a silent NaN: diverged
+        with pytest.raises(ValueError, match="non-finite λ"):
+            fl.spectral_entropy(torch.tensor(bad))
+    assert fl.spectral_entropy([1.0, 2.0]) == fl.spectral_entropy(torch.tensor([1.0, 2.0]))
+
+
 # -----------------------------------------------------------------------------
 # 3. budget schedule
 
@@ -139,6 +184,12 @@ def test_budget_validates(args, msg):
         fl.budget(*args)
     with pytest.raises(ValueError, match="schedule"):
         fl.budget(1, 2, 0, 0, 10, schedule="linear")
+
+
+@pytest.mark.parametrize("t", [float("nan"), "5", 5.0, True, -1, None])
+def test_budget_wants_an_integer_step(t):
+    with pytest.raises(ValueError, match="t must be an integer"):
+        fl.budget(t, 2, 0, 0, 10)
 
 
 # -----------------------------------------------------------------------------
@@ -273,6 +324,34 @@ def test_total_rank_is_conserved_over_hundreds_of_allocations():
         assert sum(ranks) == 21 and all(1 <= r <= 6 for r in ranks)
         assert not set(rec["pruned"]) & set(rec["expanded"])
     assert len(alloc.history) == 400 and sum(h["k"] for h in alloc.history) > 400
+
+
+@pytest.mark.parametrize("ts", [(10, 5), (5, 5), (5, 5, 5)])
+def test_t_must_move_forward(ts):
+    # step(10) then step(5), or step(5) again, used to allocate each time
+    model = spectra_model()
+    alloc = allocator(model)
+    alloc.step(ts[0])
+    ranks, history = fl.rank_pattern(model), list(alloc.history)
+    with pytest.raises(ValueError, match=rf"step\({ts[1]}\) after step\({ts[0]}\).*must increase"):
+        alloc.step(ts[1])
+    assert fl.rank_pattern(model) == ranks and alloc.history == history
+    assert alloc.step(ts[0] + 1) is not None  # the next step is fine
+
+
+@pytest.mark.parametrize("t", ["5", 5.0, None, True, 0, float("nan")])
+def test_step_wants_an_integer_step(t):
+    with pytest.raises(ValueError, match="t must be an integer >= 1"):
+        allocator(spectra_model()).step(t)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        allocator(spectra_model()).step(1, "adamw")
+
+
+@pytest.mark.parametrize("kw", [dict(r_max=2), dict(r_min=4), dict(r_min=4, r_max=6)])
+def test_rank_bounds_must_bracket_the_current_ranks(kw):
+    # every adapter is at rank 3: with these bounds nothing could ever move
+    with pytest.raises(ValueError, match="must bracket every adapter's current rank"):
+        allocator(spectra_model(), **kw)
 
 
 def test_allocation_schedule_follows_budget_and_interval():
@@ -420,6 +499,106 @@ def test_optimizer_missing_the_adapter_is_reported():
         allocator(model).step(1, opt)
 
 
+def test_optimizer_missing_some_adapters_leaves_all_as_it_was():
+    # the optimizer holds every adapter but mats.5, the one that grows: nothing may be resized
+    # (P used to be, then it raised with Λ and Q at the old rank and the next forward failed)
+    model, _, _ = training_setup()
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if p.requires_grad and "mats.5" not in n])
+    x, y = torch.randn(32, 8), torch.randn(32, 6)
+    loss_fn(model, x, y).backward()
+    opt.step()
+    snap, alloc = snapshot(model, opt), allocator(model, b0=2)
+    with pytest.raises(ValueError, match="optimizer does not hold"):
+        alloc.step(1, opt)
+    assert_unchanged(model, snap, opt)
+    assert alloc.history == [] and alloc.last_step == 0
+    assert torch.isfinite(loss_fn(model, x, y))  # the adapters still fit together
+
+
+def test_allocating_without_optimizer_warns_once_while_adapters_train():
+    model = spectra_model()
+    with pytest.warns(UserWarning, match=r"no optimizer.*will not train; pass it: step\(t, optimizer\)") as caught:
+        allocator(model, b0=2).step(1)  # 4 adapters resized, one warning
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller's line
+    frozen = spectra_model().requires_grad_(False)  # nothing trains: nothing to warn about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert allocator(frozen, b0=2).step(1)["k"] == 2
+
+
+def trained_with(make_opt, steps=3):
+    """training_setup's model after a few steps of the optimizer make_opt(trainable params)."""
+    model, _, _ = training_setup()
+    opt = make_opt([p for p in model.parameters() if p.requires_grad])
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 8), torch.randn(32, 6)
+    closure = lambda: loss_fn(model, x, y)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step(closure) if isinstance(opt, torch.optim.LBFGS) else opt.step()
+    return model, opt, (x, y)
+
+
+@pytest.mark.parametrize("make_opt, first", [
+    (lambda ps: torch.optim.Adagrad(ps, lr=0.05, initial_accumulator_value=0.1), {"sum": 0.1}),
+    (lambda ps: torch.optim.Rprop(ps, lr=0.003), {"step_size": 0.003, "prev": 0.0}),
+    (lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.9, centered=True),
+     {"square_avg": 0.0, "momentum_buffer": 0.0, "grad_avg": 0.0}),
+    (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), {"momentum_buffer": 0.0}),
+    (lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True), {"exp_avg": 0.0, "max_exp_avg_sq": 0.0}),
+], ids=["adagrad", "rprop", "rmsprop", "sgd", "adam-amsgrad"])
+def test_new_direction_state_starts_where_the_optimizer_starts_it(make_opt, first):
+    # Adagrad's sum starts at initial_accumulator_value and Rprop's step size at lr, not at 0
+    model, opt, (x, y) = trained_with(make_opt)
+    old = {k: opt.state[model.mats[5].Q][k].clone() for k in first}
+    rec = allocator(model, b0=2).step(1, opt)
+    assert "mats.5" in rec["expanded"]
+    Q = model.mats[5].Q
+    for k, value in first.items():
+        assert torch.equal(opt.state[Q][k][:3], old[k])  # the kept directions keep theirs
+        assert torch.equal(opt.state[Q][k][3], torch.full((8,), value))  # the new one starts fresh
+    for _ in range(3):  # and training goes on, moving the new direction
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    assert torch.isfinite(loss_fn(model, x, y)) and model.mats[5].Lambda[3] != 0
+
+
+class RowStats(torch.optim.Optimizer):
+    """An optimizer whose state is not shaped like its parameter (a factored second moment)."""
+
+    def __init__(self, params):
+        super().__init__(params, dict(lr=1e-3))
+
+    @torch.no_grad()
+    def step(self):
+        for p in (p for g in self.param_groups for p in g["params"] if p.grad is not None):
+            rows = self.state[p].setdefault("rows", torch.zeros(p.shape[:1]))
+            rows.add_(p.grad.reshape(len(p), -1).square().mean(1))
+            p.sub_(1e-3 * p.grad / (rows.reshape(-1, *[1] * (p.dim() - 1)).sqrt() + 1e-8))
+
+
+def transformers_adafactor(ps):
+    from transformers.optimization import Adafactor
+    return Adafactor(ps, lr=1e-3, relative_step=False, scale_parameter=False)
+
+
+@pytest.mark.parametrize("make_opt, name", [
+    (lambda ps: torch.optim.Adafactor(ps, lr=1e-2), "Adafactor"),
+    (transformers_adafactor, "Adafactor"),
+    (lambda ps: torch.optim.LBFGS(ps, lr=0.1), "LBFGS"),
+    (RowStats, "RowStats"),
+], ids=["torch-adafactor", "transformers-adafactor", "lbfgs", "custom"])
+def test_optimizer_with_state_not_shaped_like_the_parameter_is_refused(make_opt, name):
+    # its state cannot be sliced: refuse, naming it and what works, before anything changes
+    model, opt, _ = trained_with(make_opt)
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=f"{name} keeps state not shaped like each parameter.*use Adam, AdamW"):
+        allocator(model, b0=2).step(1, opt)
+    assert_unchanged(model, snap, opt)
+
+
 # -----------------------------------------------------------------------------
 # 8. determinism, our own generator, the adapter's dtype
 
@@ -471,6 +650,24 @@ def test_allocator_state_dict_resumes_the_same_draws():
         allocator(m2, b0=3).load_state_dict(sd)
 
 
+def test_allocator_state_dict_carries_the_last_step():
+    model = spectra_model()
+    alloc = allocator(model, interval=5)
+    for t in range(1, 8):
+        alloc.step(t)
+    again = allocator(model, interval=5)
+    again.load_state_dict(alloc.state_dict())
+    with pytest.raises(ValueError, match=r"step\(7\) after step\(7\)"):
+        again.step(7)
+    old = alloc.state_dict()
+    del old["last_step"]  # a checkpoint written before last_step was kept: the last allocation's
+    again = allocator(model, interval=5)
+    again.load_state_dict(old)
+    assert again.last_step == 5 and again.step(8) is None
+    with pytest.raises(ValueError, match="what RankAllocator.state_dict"):
+        again.load_state_dict({"allocator": alloc.state_dict()})  # the whole checkpoint by mistake
+
+
 def test_allocator_state_must_fit_the_adapters():
     model = spectra_model()
     alloc = allocator(model, b0=2)
@@ -511,6 +708,24 @@ def test_merge_unmerge_exact_and_idempotent():
     for n, m in fl.adapters(model).items():
         assert not m.merged and torch.allclose(m.base.weight, w0[n], atol=1e-6)
     assert torch.allclose(model(x), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -8)])
+def test_merge_unmerge_cycle_error_is_what_the_docstring_says(dtype, tol):
+    # one merge/unmerge cycle rounds W: in bf16 by up to 2⁻⁸ of max|W + ΔW| (a large ΔW here)
+    model = spectra_model()
+    for m in fl.adapters(model).values():
+        with torch.no_grad():
+            m.Lambda.mul_(30)
+    model = model.to(dtype)
+    w0 = {n: m.base.weight.detach().clone() for n, m in fl.adapters(model).items()}
+    peak = {n: (m.base.weight.float() + m.delta_weight().float()).abs().max() for n, m in fl.adapters(model).items()}
+    fl.merge(model)
+    fl.unmerge(model)
+    errors = {n: (m.base.weight.float() - w0[n].float()).abs().max() / peak[n] for n, m in fl.adapters(model).items()}
+    assert max(errors.values()) <= tol
+    if dtype == torch.bfloat16:
+        assert max(errors.values()) > 0  # the rounding is real: hence the docstring
 
 
 # -----------------------------------------------------------------------------
@@ -560,6 +775,78 @@ def test_load_mismatch_names_the_module(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a flexlora"):
         fl.load_adapter(model, str(tmp_path / "other.safetensors"))
+
+
+def edit_config(edit):
+    def corrupt(tensors, meta):
+        config = json.loads(meta["adapters"])
+        edit(config)
+        meta["adapters"] = json.dumps(config)
+    return corrupt
+
+
+def put(name, value):
+    return lambda tensors, meta: tensors.__setitem__(name, value)
+
+
+CORRUPTIONS = {  # what a file can get wrong, each with the error it must give
+    "head of another shape": (put("head.weight", torch.zeros(2, 6)), r"head\.weight of shape \(2, 6\)"),
+    "unknown tensor": (put("tail.weight", torch.zeros(3)), r"tail\.weight of shape \(3,\), the model nothing"),
+    "P of another height": (put("mats.5.P", torch.zeros(9, 4)), r"adapter mats\.5: P \(9, 4\)"),
+    "λ longer than P is wide": (put("mats.5.Lambda", torch.zeros(5)), r"adapter mats\.5"),
+    "λ not 1-D": (put("mats.5.Lambda", torch.zeros(4, 1)), r"adapter mats\.5"),
+    "rank 0": (lambda T, m: T.update({"mats.5.P": torch.zeros(8, 0), "mats.5.Lambda": torch.zeros(0),
+                                      "mats.5.Q": torch.zeros(0, 8)}), r"adapter mats\.5"),
+    "missing tensor": (lambda T, m: T.pop("mats.5.Q"), r"\['mats\.5\.Q'\] are missing"),
+    "non-finite λ": (put("mats.5.Lambda", torch.tensor([1.0, float("nan"), 0, 0])), "mats.5.Lambda holds non-finite"),
+    "non-finite head": (put("head.bias", torch.tensor([float("inf")])), "head.bias holds non-finite"),
+    "r_init = 0": (edit_config(lambda c: c["mats.5"].update(r_init=0)), "mats.5: r_init must be an integer >= 1"),
+    "no r_init": (edit_config(lambda c: c["mats.5"].pop("r_init")), "mats.5: r_init must be"),
+    "alpha = inf": (edit_config(lambda c: c["mats.5"].update(alpha=float("inf"))), "mats.5: alpha must be"),
+    "alpha a string": (edit_config(lambda c: c["mats.5"].update(alpha="16")), "mats.5: alpha must be"),
+    "config a list": (lambda T, m: m.update(adapters="[1, 2]"), "not a {module name"),
+    "broken JSON": (lambda T, m: m.update(adapters="{'mats.0': "), "'adapters' metadata is broken JSON"),
+    "no adapters": (lambda T, m: m.pop("adapters"), "not a flexlora.save_adapter"),
+    "adapter only in the file": (edit_config(lambda c: c.update({"mats.9": c["mats.0"]})), r"only in the file \['mats\.9'\]"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_load_adapter_is_all_or_nothing(tmp_path, case):
+    # a file that does not fit is refused whole: nothing loaded, not even the adapters before
+    # the faulty tensor (mats.5 and head come last in the order load_adapter applies them)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    saved, opt, _ = training_setup()
+    allocator(saved, b0=2).step(1, opt)  # other ranks than a fresh model's, so a half-load shows
+    path = str(tmp_path / "a.safetensors")
+    fl.save_adapter(saved, path)
+    with safe_open(path, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    corrupt, msg = CORRUPTIONS[case]
+    corrupt(tensors, meta)
+    save_file(tensors, path, metadata=meta)
+    model, _, _ = training_setup()
+    fl.merge(model)  # merged too: a half-load would have unmerged some
+    snap, merged = snapshot(model), [m.merged for m in fl.adapters(model).values()]
+    with pytest.raises(ValueError, match=msg) as e:
+        fl.load_adapter(model, path)
+    assert "nothing was changed" in str(e.value) and path in str(e.value)
+    assert_unchanged(model, snap)
+    assert [m.merged for m in fl.adapters(model).values()] == merged
+
+
+def test_load_adapter_path_errors(tmp_path):
+    model = matrices(n=2)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="is a directory: pass the file that save_adapter"):
+        fl.load_adapter(model, str(tmp_path))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="junk.safetensors cannot be loaded"):
+        fl.load_adapter(model, str(tmp_path / "junk.safetensors"))
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        fl.load_adapter(model, str(tmp_path / "nowhere.safetensors"))
+    assert_unchanged(model, snap)
 
 
 # -----------------------------------------------------------------------------
@@ -635,8 +922,10 @@ def test_target_matching_rules():
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(r=0), "r must"), (dict(r=2.5), "r must"), (dict(alpha=0), "alpha"),
-    (dict(alpha=-1), "alpha"), (dict(dropout=1.0), "dropout"),
+    (dict(r=0), "r must"), (dict(r=2.5), "r must"), (dict(r=True), "r must"), (dict(r="4"), "r must"),
+    (dict(alpha=0), "alpha"), (dict(alpha=-1), "alpha"), (dict(alpha=float("inf")), "alpha"),
+    (dict(alpha=float("nan")), "alpha"), (dict(alpha="16"), "alpha"), (dict(dropout=1.0), "dropout"),
+    (dict(dropout="0.1"), "dropout"),
 ])
 def test_adapter_validates(kw, msg):
     args = dict(r=2, alpha=4.0) | kw
@@ -649,7 +938,8 @@ def test_adapter_validates(kw, msg):
 @pytest.mark.parametrize("kw, msg", [
     (dict(interval=0), "interval"), (dict(b0=-1), "b0"), (dict(total_steps=30), "total_steps"),
     (dict(r_min=0), "r_min"), (dict(r_min=3, r_max=2), "r_max"), (dict(t_warmup=-5), "t_warmup"),
-    (dict(schedule="exp"), "schedule"),
+    (dict(schedule="exp"), "schedule"), (dict(seed=None), "seed"), (dict(b0=True), "b0"),
+    (dict(interval=2.0), "interval"),
 ])
 def test_allocator_validates(kw, msg):
     args = dict(b0=2, t_warmup=10, t_final=20, total_steps=100, interval=5) | kw
@@ -657,6 +947,43 @@ def test_allocator_validates(kw, msg):
         fl.RankAllocator(matrices(n=2), **args)
     with pytest.raises(ValueError, match="inject"):
         fl.RankAllocator(nn.Linear(2, 2), b0=1, t_warmup=0, t_final=0, total_steps=10, interval=1)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(r=0), "r must"), (dict(r=True), "r must"), (dict(alpha="16"), "alpha"),
+    (dict(alpha=float("inf")), "alpha"), (dict(dropout=-0.1), "dropout"),
+    (dict(target_modules=None), "target_modules must be"), (dict(target_modules=[]), "target_modules is empty"),
+    (dict(target_modules=[3]), "target_modules must be"), (dict(trainable=None), "trainable must be"),
+    (dict(trainable=["tail"]), r"trainable \['tail'\]"), (dict(target_modules="tail"), r"\['tail'\] match no"),
+])
+def test_inject_checks_everything_before_changing_the_model(kw, msg):
+    # r = 0 used to raise after every parameter was frozen
+    model = Matrices(3, 8)
+    model.head = nn.Linear(8, 1)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=msg):
+        fl.inject(model, **dict(target_modules=r"mats\.\d+", r=2, alpha=4, trainable=["head"]) | kw)
+    assert_unchanged(model, snap)
+
+
+def test_a_model_must_be_a_module():
+    for call in (lambda: fl.inject({}, "x", r=1, alpha=1), lambda: fl.adapters(None),
+                 lambda: fl.rank_pattern([]), lambda: fl.merge("model"), lambda: fl.save_adapter({}, "a")):
+        with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+            call()
+
+
+def test_trainable_modules_are_trained_in_full_never_wrapped():
+    # ".*" covers the head too: `trainable` wins, the head stays an nn.Linear and trains
+    model = Matrices(3, 8)
+    model.head = nn.Linear(8, 1)
+    layers = fl.inject(model, ".*", r=2, alpha=4, trainable=["head"])
+    assert sorted(layers) == ["mats.0", "mats.1", "mats.2"] and type(model.head) is nn.Linear
+    assert model.head.weight.requires_grad and model.head.bias.requires_grad
+    with pytest.raises(ValueError, match=r"\['head'\] match no nn.Linear of the model outside `trainable`"):
+        other = Matrices(1, 8)
+        other.head = nn.Linear(8, 1)
+        fl.inject(other, "head", r=1, alpha=1, trainable=["head"])
 
 
 def test_diverged_training_is_reported_not_scored_as_nan():

@@ -206,7 +206,8 @@ def spectral_entropy(Lambda: torch.Tensor) -> torch.Tensor:
     non-finite λ (diverged training) raises ValueError. Lambda: a tensor or a list of numbers.
     """
     lam = torch.as_tensor(Lambda).detach().reshape(-1).to(torch.float64)
-    _need(torch.isfinite(lam).all(), f"non-finite λ {lam.tolist()[:8]}: training diverged; lower the LR")
+    _need(torch.isfinite(lam).all(), f"non-finite λ {lam.tolist()[:8]}: training diverged; "
+                                     f"lower the learning rate")
     r = lam.numel()
     peak = lam.abs().max() if r else lam.new_zeros(())
     if r <= 1 or peak == 0:
@@ -318,21 +319,24 @@ def _resize(layer: FlexLoRALinear, keep: list, grow: bool, gen: torch.Generator,
 
         param = nn.Parameter(reshape(old.detach(), fresh.get(name)), requires_grad=old.requires_grad)
         setattr(layer, name, param)
-        if optimizer is not None:  # a new direction's state starts where the optimizer starts it
-            pad = lambda first: torch.full_like(fresh[name], first) if grow else None
-            _repoint(optimizer, old, param, lambda t, first: reshape(t, pad(first)))
+        if optimizer is not None:
+            _repoint(optimizer, old, param, reshape, fresh.get(name))
 
 
-def _repoint(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, reshape):
-    """Swap `old` for `new` in the optimizer's param groups and state, in place."""
+def _repoint(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, reshape, fresh=None):
+    """Swap `old` for `new` in the optimizer's param groups and state, in place. State of the
+    parameter's shape goes through reshape(); a new direction's starts where the optimizer
+    starts it: at 0, but Adagrad's sum at initial_accumulator_value and Rprop's step size at lr."""
     for group in optimizer.param_groups:
         for i, p in enumerate(group["params"]):
             if p is old:
                 group["params"][i] = new
                 state = optimizer.state.pop(old, {})
-                optimizer.state[new] = {k: reshape(v, float(group.get(_FIRST.get(k), 0.0)))  # Adagrad, Rprop
-                                        if torch.is_tensor(v) and v.shape == old.shape else v
-                                        for k, v in state.items()}
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.shape == old.shape:
+                        start = float(group.get(_FIRST.get(k), 0.0))
+                        state[k] = reshape(v, None if fresh is None else torch.full_like(fresh, start))
+                optimizer.state[new] = state
                 return
 
 
@@ -360,11 +364,13 @@ class RankAllocator:
     """Moves rank between the adapters of `model` during training (paper §3).
 
     Call step(t, optimizer) after optimizer.step() (and the LR scheduler's step), before
-    zero_grad(), with t = the number of optimizer steps taken so far (1, 2, ...). At steps
-    where b(t) > 0 and (t − t_warmup) is a multiple of `interval`, it prunes the smallest-|λ|
-    direction of the b lowest-scoring matrices and adds a λ = 0 direction to the b
-    highest-scoring ones, so the total rank stays constant. The score is the paper's I(Λ); to
-    try another, subclass and override scores(). schedule="constant" runs the authors' code's b(t).
+    zero_grad(), with t = the number of optimizer steps taken so far (1, 2, ...; it must grow)
+    and the optimizer: Adam, AdamW, SGD, RMSprop, Adagrad or Rprop (LBFGS and Adafactor keep
+    state that cannot be resized). At steps where b(t) > 0 and (t − t_warmup) is a multiple of
+    `interval`, it prunes the smallest-|λ| direction of the b lowest-scoring matrices and adds a
+    λ = 0 direction to the b highest-scoring ones, so the total rank stays constant. The score
+    is the paper's I(Λ); to try another, subclass and override scores(). schedule="constant"
+    runs the authors' code's b(t).
     """
 
     def __init__(self, model: nn.Module, b0: int, t_warmup: int, t_final: int, total_steps: int,
@@ -422,6 +428,7 @@ class RankAllocator:
             k -= 1
         pruned = prune[:k]
         expanded = [n for n in grow if n not in pruned][:k]
+        # nothing has changed yet: check that the optimizer can follow the parameters to be resized
         _check_optimizer(optimizer, [getattr(self.layers[n], f) for n in pruned + expanded for f in _RANK_DIM])
 
         # 3) prune: drop the direction with the smallest |λ|

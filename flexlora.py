@@ -548,3 +548,13 @@ def unmerge(model: nn.Module):
     """Undo merge()."""
     for layer in adapters(model).values():
         layer.unmerge()
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put its plain nn.Linear back, in place: the model then saves and
+    loads like the original architecture (for serving). Training its adapters ends here."""
+    for name, layer in adapters(model).items():
+        layer.merge()  # W ← W + ΔW
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    return model

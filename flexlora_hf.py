@@ -1,0 +1,246 @@
+"""flexlora with Hugging Face: a Trainer callback, and export to a standard PEFT LoRA adapter.
+
+    callback = FlexLoRACallback(model, gamma=0.1, b0=4, t_warmup=200, t_final=200, interval=10)
+    Trainer(model, args, train_dataset=ds, callbacks=[callback]).train()
+    export_peft(model, "adapter")  # then: PeftModel.from_pretrained(base, "adapter")
+    flexlora.unload(model).save_pretrained("merged")  # a plain model again, for serving
+
+Unlike flexlora.py this file imports transformers (and peft, inside export_peft).
+"""
+
+import json
+import os
+import re
+
+import torch
+import torch.nn as nn
+from transformers import TrainerCallback
+
+import flexlora
+
+ALLOCATOR_FILE = "flexlora_allocator.json"  # written into every Trainer checkpoint folder
+
+# -----------------------------------------------------------------------------
+# Loading a state dict whose ranks differ from the model's
+
+
+def resize_on_load(model: nn.Module):
+    """Let model.load_state_dict() take adapters of any rank: each adapter first takes the
+    rank of the Λ in the state dict (P, Λ, Q replaced by zeros of the new shapes, which the
+    load then fills). A Trainer checkpoint saved after allocations loads this way."""
+    for layer in flexlora.adapters(model).values():
+        layer.register_load_state_dict_pre_hook(_resize_to_state_dict)
+
+
+def _resize_to_state_dict(layer, state_dict, prefix, *args):
+    Lambda = state_dict.get(prefix + "Lambda")
+    if Lambda is None or Lambda.numel() == layer.r:
+        return
+    if layer.merged:
+        raise ValueError(f"{prefix[:-1]} is merged: unmerge() before loading a state dict into it")
+    r, d_out, d_in = Lambda.numel(), layer.P.shape[0], layer.Q.shape[1]
+    for name, shape in (("P", (d_out, r)), ("Lambda", (r,)), ("Q", (r, d_in))):
+        old = getattr(layer, name)
+        setattr(layer, name, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face Trainer
+
+
+class FlexLoRACallback(TrainerCallback):
+    """FlexLoRA inside transformers.Trainer, added in one line: callbacks=[FlexLoRACallback(...)].
+
+    model: the FlexLoRA-injected model given to the Trainer; build the callback before the
+        Trainer (see gradient accumulation below).
+    gamma: γ of the orthogonal regulariser, as in train_glue.py: the training loss becomes
+        task loss + γ · R, the paper's loss (R = flexlora.orthogonal_regularizer).
+    allocator_kwargs: flexlora.RankAllocator's arguments (b0, t_warmup, t_final, interval, ...);
+        total_steps defaults to the Trainer's number of optimizer steps.
+
+    What it does:
+    - the regulariser: a forward hook on the model adds γ · R to the model's output loss in
+      training mode (a callback cannot touch the loss; the hook lives from train begin to end).
+    - allocation: RankAllocator.step(t, optimizer) in on_step_end, which the Trainer calls after
+      optimizer.step(), the LR scheduler and zero_grad, with t = state.global_step = optimizer
+      steps taken, the plain loop's t.
+    - gradient accumulation: sets model.accepts_loss_kwargs = False, so the Trainer passes no
+      num_items_in_batch and divides each micro-batch's loss (task mean + γ · R) by the
+      accumulation steps, as a plain loop over the whole batch would. Otherwise the Trainer
+      trusts the model to divide by num_items_in_batch, which most heads (BERT's classifier)
+      ignore: with accumulation k their gradients come out k times too large. (Causal LMs then
+      weigh each micro-batch's mean token loss equally, not each token.) A Trainer built
+      before the callback still passes num_items_in_batch: with accumulation > 1 that raises.
+    - checkpoints: on_save writes the allocator's state (generator, history, config) and the
+      rank pattern to <checkpoint>/flexlora_allocator.json. On resume, the adapters take the
+      checkpoint's ranks while the Trainer loads the weights (resize_on_load), before the
+      optimizer is built and its state loaded; the allocator's state is read in on_train_begin
+      from <output_dir>/checkpoint-<step>, or from args.resume_from_checkpoint if set there.
+    """
+
+    def __init__(self, model: nn.Module, gamma: float, **allocator_kwargs):
+        if not flexlora.adapters(model):
+            raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
+        if not gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+        # a bad setting fails here, not at train begin (total_steps is not known before then)
+        flexlora.RankAllocator(model, **{"total_steps": 10 ** 9, **allocator_kwargs})
+        self.model, self.gamma, self.allocator_kwargs = model, float(gamma), allocator_kwargs
+        self.allocator = None  # built in on_train_begin, once the Trainer knows its step count
+        self.grad_accum = 1
+        self._hooks = []
+        model.accepts_loss_kwargs = False  # read by Trainer.__init__: see "gradient accumulation"
+        resize_on_load(model)  # Trainer loads a checkpoint's weights before any callback event
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1 or args.n_gpu > 1:
+            # DDP registers Parameter objects once; an allocation swaps them in for new ones
+            raise NotImplementedError("FlexLoRACallback trains on one process and one device "
+                                      "for now")
+        settings = dict(self.allocator_kwargs)
+        T = settings.pop("total_steps", state.max_steps)
+        if T != state.max_steps:
+            raise ValueError(f"total_steps={T} but the Trainer will take {state.max_steps} "
+                             "optimizer steps: leave total_steps out to use the Trainer's")
+        self.allocator = flexlora.RankAllocator(self.model, total_steps=T, **settings)
+        if state.global_step > 0:  # resumed: the ranks came with the weights, now the allocator
+            self.allocator.load_state_dict(_read_allocator(args, state.global_step))
+        self.grad_accum = args.gradient_accumulation_steps
+        self._remove_hooks()
+        self._hooks = [self.model.register_forward_hook(self._add_regularizer, with_kwargs=True)]
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        # after optimizer.step(), the LR scheduler and zero_grad; global_step = steps taken
+        self.allocator.step(state.global_step, optimizer)  # swaps Parameters, re-points Adam
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:  # the main process writes
+            return
+        d = self.allocator.state_dict()
+        d["generator"] = d["generator"].tolist()  # a uint8 tensor
+        d["step"], d["ranks"] = state.global_step, flexlora.rank_pattern(self.model)
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, ALLOCATOR_FILE), "w") as f:
+            json.dump(d, f)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hooks()
+
+    def _remove_hooks(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _add_regularizer(self, module, args, kwargs, output):
+        if not (module.training and torch.is_grad_enabled()):
+            return None  # evaluation: the task loss alone
+        if "num_items_in_batch" in kwargs and self.grad_accum > 1:
+            raise RuntimeError("the Trainer passes num_items_in_batch and will not divide the "
+                               "loss by the accumulation steps: build FlexLoRACallback before "
+                               "the Trainer (it sets model.accepts_loss_kwargs = False)")
+        if self.gamma == 0:
+            return None
+        if isinstance(output, dict):  # a ModelOutput, which leaves out a None loss
+            loss = output.get("loss")
+        else:  # a tuple (return_dict=False) starts with the loss only if there is one
+            loss = output[0] if torch.is_tensor(output[0]) and output[0].ndim == 0 else None
+        if loss is None:
+            raise RuntimeError("the model returned no loss to add γ·R to (no labels, or a "
+                               "Trainer compute_loss_func / label smoothing): pass gamma=0 and "
+                               "add gamma * flexlora.orthogonal_regularizer(model) yourself")
+        loss = loss + self.gamma * flexlora.orthogonal_regularizer(module)
+        if isinstance(output, dict):
+            output["loss"] = loss
+            return output
+        return (loss,) + tuple(output[1:])
+
+
+def _read_allocator(args, step: int) -> dict:
+    folders = [os.path.join(args.output_dir, f"checkpoint-{step}")]
+    if isinstance(args.resume_from_checkpoint, str):
+        folders.insert(0, args.resume_from_checkpoint)
+    for folder in folders:
+        path = os.path.join(folder, ALLOCATOR_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                d = json.load(f)
+            if d.get("step") == step:
+                d["generator"] = torch.tensor(d["generator"], dtype=torch.uint8)
+                return d
+    raise FileNotFoundError(f"resuming at step {step}, but no {ALLOCATOR_FILE} of that step in "
+                            f"{folders}: resume from a checkpoint of this output_dir, or set "
+                            "TrainingArguments(resume_from_checkpoint=...) to its folder too")
+
+
+# -----------------------------------------------------------------------------
+# Export to a standard PEFT LoRA adapter
+
+
+def export_peft(model: nn.Module, out_dir: str, **config_kwargs):
+    """Write a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) that
+    PeftModel.from_pretrained(base, out_dir) loads into the same function, any ranks included.
+
+    The mapping (exact up to rounding): lora_A = Q, lora_B = P diag(λ), r = the current rank,
+    lora_alpha = s · r so that PEFT's scaling lora_alpha / r is FlexLoRA's s = alpha / r_init.
+    Ranks and alphas go per module in rank_pattern / alpha_pattern, keyed by the escaped full
+    module name (PEFT matches a key as the regex `(.*\\.)?key$`). Modules holding trainable
+    parameters outside the adapters (the heads: classifier, pooler) go in modules_to_save.
+    config_kwargs go to peft.LoraConfig (e.g. task_type, base_model_name_or_path). Returns
+    the LoraConfig.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    layers = flexlora.adapters(model)
+    if not layers:
+        raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
+    if any(m.merged for m in layers.values()):
+        raise ValueError("an adapter is merged: call flexlora.unmerge(model) before export_peft")
+    dropouts = {m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0 for m in layers.values()}
+    if len(dropouts) > 1:
+        raise ValueError(f"the adapters have different dropouts {sorted(dropouts)}: PEFT has one")
+
+    # the heads: the modules that own a trainable parameter other than P, Λ, Q
+    heads = set()
+    for name, p in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if not p.requires_grad or (owner in layers and leaf in ("P", "Lambda", "Q")):
+            continue
+        if owner == "" or any(owner.startswith(a + ".") for a in layers):  # e.g. a base bias
+            raise ValueError(f"trainable parameter {name} has no place in a PEFT LoRA adapter: "
+                             "freeze it, or keep it in a module of its own")
+        heads.add(owner)
+    heads = sorted(heads)
+
+    # PEFT finds a target by dotted suffix and a module to save by plain suffix: refuse a name
+    # that would catch another module too (dotted: layer.1.x never catches layer.11.x)
+    modules = [n for n, _ in model.named_modules()]
+    for a in layers:
+        if any(n.endswith("." + a) for n in modules):
+            raise ValueError(f"adapter {a} ends another module's name: PEFT would adapt both")
+    for h in heads:
+        clash = [n for n in modules if n != h and n.endswith(h)]
+        clash += [a for a in layers if a.startswith(h + ".")]  # PEFT adapts nothing inside it
+        if clash:
+            raise ValueError(f"head {h}: PEFT's modules_to_save would also take {clash[:3]}")
+
+    first = next(iter(layers.values()))
+    config = LoraConfig(
+        r=first.r_init, lora_alpha=first.alpha, target_modules=list(layers),
+        rank_pattern={re.escape(n): m.r for n, m in layers.items()},
+        alpha_pattern={re.escape(n): m.scaling * m.r for n, m in layers.items()},  # alpha / r = s
+        lora_dropout=dropouts.pop(), use_rslora=False, bias="none",
+        modules_to_save=heads or None, **config_kwargs)
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.Q.detach().contiguous()  # (r, d_in)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (m.P * m.Lambda).detach()  # (d_out, r)
+    for h in heads:  # the whole module, as PEFT's ModulesToSaveWrapper saves it
+        for k, v in model.get_submodule(h).state_dict().items():
+            tensors[f"base_model.model.{h}.{k}"] = v.detach().contiguous()
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    return config

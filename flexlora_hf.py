@@ -95,8 +95,11 @@ class FlexLoRACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if args.world_size > 1 or args.n_gpu > 1:
             # DDP registers Parameter objects once; an allocation swaps them in for new ones
-            raise NotImplementedError("FlexLoRACallback trains on one process and one device "
-                                      "for now")
+            raise NotImplementedError(
+                "FlexLoRACallback trains on one process and one device: DDP holds the Parameter "
+                "objects it wrapped, and an allocation swaps in new ones. To train on several "
+                "devices, run train_glue.py or train_vit.py under torchrun (they all-reduce the "
+                "gradients themselves; see docs/integration.md, 'Multi-process (torchrun)')")
         settings = dict(self.allocator_kwargs)
         T = settings.pop("total_steps", state.max_steps)
         if T != state.max_steps:

@@ -45,7 +45,7 @@ def read(run_dir, name):
 
 def test_glue_smoke_end_to_end_and_reload(tmp_path):
     out = str(tmp_path / "glue")
-    result = train_glue.main(GLUE_TINY + ["--output_dir", out])
+    result = train_glue.main(GLUE_TINY + ["--output_dir", out, "--save_merged"])
     for f in OUTPUTS:
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     metrics, ranks = read(out, "metrics.json"), read(out, "rank_history.json")
@@ -71,6 +71,25 @@ def test_glue_smoke_end_to_end_and_reload(tmp_path):
 
     logits, labels = common.predict(model, dev, DataCollatorWithPadding(tokenizer), args)
     assert train_glue.glue_metrics("cola", logits, labels)["mcc"] == pytest.approx(metrics["final"]["mcc"], abs=1e-9)
+
+    # the exports give the same logits: peft_adapter/ on a fresh base model with PEFT, and merged/
+    # (ΔW folded in) as a plain transformers model, with its tokenizer
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    peft_model = PeftModel.from_pretrained(train_glue.load_model(args)[0], os.path.join(out, "peft_adapter"))
+    assert peft_model.peft_config["default"].task_type == "SEQ_CLS"
+    peft_logits, _ = common.predict(peft_model, dev, DataCollatorWithPadding(tokenizer), args)
+    np.testing.assert_allclose(peft_logits, logits, rtol=1e-5, atol=1e-6)
+    merged, info = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "merged"),
+                                                                       output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert not flexlora.adapters(merged)
+    merged_logits, _ = common.predict(merged, dev, DataCollatorWithPadding(tokenizer), args)
+    np.testing.assert_allclose(merged_logits, logits, rtol=1e-5, atol=1e-6)
+    text = "the cat sat on a good dog"
+    assert AutoTokenizer.from_pretrained(os.path.join(out, "merged"))(text) == tokenizer(text)
 
 
 def test_vit_smoke_end_to_end_and_reload(tmp_path):
@@ -122,7 +141,7 @@ def test_resume_gives_the_same_run(tmp_path):
 def test_resume_adalora(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     args = GLUE_TINY + ["--method", "adalora"]
-    train_glue.main(args + ["--output_dir", full])
+    train_glue.main(args + ["--output_dir", full, "--save_merged"])
     train_glue.main(args + ["--output_dir", part, "--stop_after", "7"])
     train_glue.main(["--resume", part])
     a, b = read(full, "rank_history.json"), read(part, "rank_history.json")
@@ -131,6 +150,21 @@ def test_resume_adalora(tmp_path):
     for ea, eb in zip(read(full, "metrics.json")["evals"], read(part, "metrics.json")["evals"], strict=True):
         assert ea == pytest.approx(eb, abs=1e-6)
     assert os.path.exists(os.path.join(full, "adapter", "adapter_model.safetensors"))
+
+    # merged/ (PEFT's merge_and_unload) gives the logits of PEFT's adapter/ on a fresh base model
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+    a = train_glue.get_args(args)
+    torch.manual_seed(a.seed)
+    base, tokenizer = train_glue.load_model(a)
+    dev = train_glue.encode(tokenizer, *train_glue.load_data(a)["dev"], a.max_length)
+    collate = DataCollatorWithPadding(tokenizer)
+    logits, _ = common.predict(PeftModel.from_pretrained(base, os.path.join(full, "adapter")), dev, collate, a)
+    merged, info = AutoModelForSequenceClassification.from_pretrained(os.path.join(full, "merged"),
+                                                                       output_loading_info=True)
+    assert not any(info.values()), info
+    np.testing.assert_allclose(common.predict(merged, dev, collate, a)[0], logits, rtol=1e-5, atol=1e-6)
 
 
 # -----------------------------------------------------------------------------

@@ -6,26 +6,33 @@ A run directory (--output_dir) ends up holding:
     metrics.json         config, trainable-parameter counts, every evaluation, final and best, wall time
     rank_history.json    every rank allocation (FlexLoRA's RankAllocator.history, AdaLoRA's masks)
     adapter.safetensors  FlexLoRA: adapter + head, for flexlora.load_adapter (PEFT methods: adapter/)
+    peft_adapter/        FlexLoRA: the same as a PEFT LoRA adapter, for PeftModel.from_pretrained
+    merged/              with --save_merged: ΔW folded into W, a plain transformers model for serving
     ranks.png            final rank per layer x module type
     rank_history.png     total rank per module type over training
     checkpoint/          everything --resume needs (adapter, optimizer, LR scheduler, allocator, RNG)
 """
 
 import argparse
+import atexit
+import copy
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import flexlora
+import flexlora_hf
 
 # -----------------------------------------------------------------------------
 # Flags shared by both scripts (each script adds its # data and # model groups and its defaults)
@@ -79,6 +86,8 @@ def add_common_args(parser):
     g.add_argument("--eval_batch_size", type=int, default=64, help="examples per evaluation batch")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--no_bf16", action="store_true", help="no bf16 autocast on CUDA")
+    g.add_argument("--save_merged", action="store_true",
+                   help="also write merged/: ΔW folded into W, a plain transformers model, with its preprocessor")
     g.add_argument("--smoke", action="store_true", help="offline: tiny model, built-in data, < 1 min on CPU")
 
 
@@ -101,7 +110,7 @@ def prepare_output_dir(args, name):
         return args
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{name}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    held = [f for f in ("metrics.json", "checkpoint", "adapter.safetensors", "adapter")
+    held = [f for f in ("metrics.json", "checkpoint", "adapter.safetensors", "adapter", "peft_adapter", "merged")
             if os.path.exists(os.path.join(args.output_dir, f))]
     if held and not args.overwrite:
         raise SystemExit(f"error: --output_dir {args.output_dir} already holds a run ({', '.join(held)}): "
@@ -142,6 +151,113 @@ def fit_window(args, total_steps):
                          f"train longer (--epochs, --max_train_samples) or lower --batch_size")
     print(f"note: the allocation window t_w {t_w}, t_f {t_f}, Δ {delta} does not fit in {total_steps} "
           f"steps; scaled to t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}")
+
+
+# -----------------------------------------------------------------------------
+# Distributed: torchrun --nproc_per_node N runs N copies of the script, one per device
+#
+# No DistributedDataParallel wrapper: DDP registers the Parameter objects it wraps once, and a
+# FlexLoRA allocation swaps in new ones, after which DDP fails or lets the replicas drift apart.
+# Instead every rank all-reduces the trainable gradients itself after backward(), as one flat
+# buffer (only the adapters and the head travel, a few MB): whatever Parameters the optimizer
+# holds at that step, for FlexLoRA, LoRA and AdaLoRA alike. Every rank then holds the same
+# gradients, takes the same optimizer step and makes the same allocation (RankAllocator draws
+# new directions from its own seeded generator; AdaLoRA scores the all-reduced gradients), so
+# the replicas stay identical; check_replicas() verifies that after every allocation.
+#
+# --batch_size is the global batch: at each step the N ranks split the same seeded batch, so N
+# processes compute what one does with the whole batch (up to float rounding and the dropout
+# masks), with the same steps, LR schedule and allocation window.
+
+RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1  # this process, and how many (from torchrun's env vars)
+
+
+def start_run(args, name):
+    """Join torchrun's process group (when launched by torchrun), then prepare_output_dir on rank
+    0 alone, whose decisions the other ranks take (the run directory; --resume: the saved settings)."""
+    global RANK, LOCAL_RANK, WORLD_SIZE
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        RANK, LOCAL_RANK, WORLD_SIZE = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(LOCAL_RANK)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)
+        if RANK > 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone prints (errors still reach stderr)
+    if WORLD_SIZE == 1:
+        return prepare_output_dir(args, name)
+    settings = [None]
+    if RANK == 0:
+        try:
+            settings = [vars(prepare_output_dir(args, name))]
+        finally:  # on an error too: no rank waits for ever
+            dist.broadcast_object_list(settings)
+    else:
+        dist.broadcast_object_list(settings)
+        if settings[0] is None:
+            raise SystemExit(1)  # rank 0 has said why
+        vars(args).update(settings[0])
+    if args.batch_size < WORLD_SIZE:
+        raise SystemExit(f"error: --batch_size {args.batch_size} is the global batch, split over "
+                         f"{WORLD_SIZE} processes: make it at least {WORLD_SIZE}")
+    return args
+
+
+def join_replicas(net, args, state):
+    """Start every rank from rank 0's parameters (as DDP does), and give each rank its own dropout
+    stream: seed + rank, or the one the checkpoint saved for it."""
+    with torch.no_grad():
+        for p in net.parameters():
+            dist.broadcast(p.detach(), 0)  # in place
+    streams = state.get("rank_rng") or []
+    if len(streams) == WORLD_SIZE:
+        cpu, cuda = streams[RANK]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+    else:
+        if state:
+            print(f"note: the checkpoint holds no dropout streams for {WORLD_SIZE} processes: fresh ones")
+        torch.manual_seed(args.seed + RANK)
+
+
+def rank_rng():
+    """Every rank's RNG state (its dropout stream), gathered on every rank, for a checkpoint."""
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    streams = [None] * WORLD_SIZE
+    dist.all_gather_object(streams, mine)
+    return streams
+
+
+def all_reduce_grads(params, share):
+    """Give every rank the gradient of the global batch's mean loss: the sum over ranks of
+    share · ∇(the rank's mean loss), share = the rank's examples / the batch's. A parameter that
+    got no gradient on any rank keeps none (AdamW then skips it, as on one process)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    has = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([torch.cat([g.reshape(-1) for g in grads]) * share, has])
+    dist.all_reduce(flat)  # sum over ranks
+    *grads, has = flat.split([p.numel() for p in params] + [len(params)])
+    for p, g, h in zip(params, grads, has.tolist()):
+        p.grad = g.view_as(p).to(p.dtype) if h > 0 else None
+
+
+def check_replicas(method, when):
+    """Fail loudly, on every rank at once, unless all ranks hold the same adapters: the same
+    ranks, and the same trainable weights bit for bit."""
+    ranks = [None] * WORLD_SIZE
+    dist.all_gather_object(ranks, method.ranks())
+    same = all(r == ranks[0] for r in ranks)
+    if same:  # the shapes agree: compare the weights with rank 0's
+        flat = torch.cat([p.detach().reshape(-1) for p in method.net.parameters() if p.requires_grad])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        ok = torch.tensor(float(torch.equal(flat, ref)), device=flat.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        same = bool(ok)
+    if not same:
+        raise RuntimeError(f"rank {RANK}: the processes' adapters differ {when} (ranks or weights): "
+                           f"the replicas have drifted apart; please report this as a bug")
 
 
 # -----------------------------------------------------------------------------
@@ -212,6 +328,13 @@ class FlexLoRA:
 
     def save(self, out_dir):
         flexlora.save_adapter(self.net, os.path.join(out_dir, "adapter.safetensors"))
+        # the same adapter as a PEFT LoRA one (exact: lora_A = Q, lora_B = P diag(λ), per-module ranks)
+        task = "SEQ_CLS" if type(self.net).__name__.endswith("ForSequenceClassification") else None
+        flexlora_hf.export_peft(self.net, os.path.join(out_dir, "peft_adapter"), task_type=task,
+                                base_model_name_or_path=self.net.config.name_or_path or None)
+
+    def merged(self):
+        return flexlora.unload(copy.deepcopy(self.net))  # a copy: plain nn.Linear layers, W + ΔW
 
 
 class Peft:
@@ -301,6 +424,9 @@ class Peft:
     def save(self, out_dir):
         self.saved.save_pretrained(os.path.join(out_dir, "adapter"))  # PEFT's adapter format
 
+    def merged(self):
+        return copy.deepcopy(self.saved).merge_and_unload()  # a copy, the heads included
+
 
 def setup_method(model, args, targets, trainable, total_steps):
     """Adapt `model` with args.method at FlexLoRA's trainable-parameter count. Returns (method, counts)."""
@@ -339,6 +465,10 @@ def build_optimizer(net, args):
 
 
 def save_checkpoint(args, method, optimizer, scheduler, state):
+    if WORLD_SIZE > 1:  # called on every rank: it gathers their dropout streams; rank 0 alone writes
+        state = dict(state, rank_rng=rank_rng())
+        if RANK > 0:
+            return
     out = os.path.join(args.output_dir, "checkpoint")
     tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -381,8 +511,11 @@ def restore(state, method, optimizer, scheduler):
 
 @torch.no_grad()
 def predict(net, dataset, collate, args):
-    """Logits and labels of a whole dataset, as numpy arrays (float32)."""
+    """Logits and labels of a whole dataset, as numpy arrays (float32). Under torchrun each rank
+    predicts its slice and every rank gets all of them back."""
     device = next(net.parameters()).device
+    if WORLD_SIZE > 1:
+        dataset = torch.utils.data.Subset(dataset, np.array_split(np.arange(len(dataset)), WORLD_SIZE)[RANK])
     net.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.eval_batch_size, collate_fn=collate,
                                          num_workers=args.num_workers, generator=torch.Generator())
@@ -393,7 +526,12 @@ def predict(net, dataset, collate, args):
         with autocast(args, device):
             logits.append(net(**batch).logits.float().cpu())
     net.train()
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    logits, labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    if WORLD_SIZE > 1:  # the slices, in order
+        parts = [None] * WORLD_SIZE
+        dist.all_gather_object(parts, (logits, labels))
+        logits, labels = (np.concatenate(x) for x in zip(*parts))
+    return logits, labels
 
 
 def bf16(args, device):
@@ -409,16 +547,17 @@ def autocast(args, device):
 # The training loop
 
 
-def train(args, model, train_set, collate, evaluate, targets, trainable, score_key="score"):
+def train(args, model, train_set, collate, evaluate, targets, trainable, score_key="score", processor=None):
     """Fine-tune `model` with args.method and write every output of the run to args.output_dir.
 
     train_set: a map-style dataset whose items `collate` turns into a batch dict with "labels";
     evaluate(net) -> {metric: value}, with `score_key` the one that picks the best evaluation.
-    Returns metrics.json's content, or None when --stop_after ends the run early.
+    processor: the tokenizer or image processor, saved beside the model in merged/.
+    Returns metrics.json's content, or None when --stop_after ends the run early (or on ranks > 0).
     """
     from transformers import get_linear_schedule_with_warmup
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{LOCAL_RANK}" if torch.cuda.is_available() else "cpu")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     T = args.epochs * steps_per_epoch  # total optimizer steps
     fit_window(args, T)
@@ -433,48 +572,62 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     if state:
         restore(state, method, optimizer, scheduler)
         print(f"resumed at step {state['step']} of {T}")
+    if WORLD_SIZE > 1:
+        join_replicas(net, args, state)
     start, evals, elapsed = state.get("step", 0), state.get("evals", []), state.get("elapsed", 0.0)
     initial_ranks = state.get("initial_ranks") or method.ranks()
     eval_steps = args.eval_every * steps_per_epoch
     ckpt_steps = args.ckpt_every or eval_steps
     print(f"{len(train_set):,} training examples, batch {args.batch_size}: {steps_per_epoch} steps/epoch, "
-          f"{T} steps; device {device}" + (" (bf16 autocast)" if bf16(args, device) else ""))
+          f"{T} steps; device {device}" + (" (bf16 autocast)" if bf16(args, device) else "")
+          + (f"; {WORLD_SIZE} processes, {args.batch_size / WORLD_SIZE:g} examples each" if WORLD_SIZE > 1 else ""))
 
     def epoch_loader(epoch, skip):
         # the data order of an epoch depends on (seed, epoch) only, so a resumed run sees the same
         # batches; the generator keeps the DataLoader off the global RNG (dropout's)
         order = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
-        return iter(torch.utils.data.DataLoader(train_set, batch_size=args.batch_size,
-                                                sampler=order[skip * args.batch_size:].tolist(),
+        B = args.batch_size
+        # this rank's slice of each global batch (all of it on one process); a slice left empty
+        # (a last batch smaller than the world) computes one example, weighted 0 (share below)
+        shards = [np.array_split(order[j:j + B], WORLD_SIZE)[RANK] for j in range(skip * B, len(order), B)]
+        return iter(torch.utils.data.DataLoader(train_set, batch_sampler=[(s if len(s) else order[:1]).tolist()
+                                                                          for s in shards],
                                                 collate_fn=collate, num_workers=args.num_workers,
                                                 pin_memory=device.type == "cuda", generator=torch.Generator()))
 
     net.train()
     batches, t0, tick = None, time.time(), time.time()
     loss_sum, orth_sum, n_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    pbar = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True)
+    pbar = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True, disable=RANK > 0)
     for step in range(start, T):
         epoch, i = divmod(step, steps_per_epoch)
         if batches is None or i == 0:
             batches = epoch_loader(epoch, i)
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        n = min(args.batch_size, len(train_set) - i * args.batch_size)  # examples in the global batch
+        share = (n // WORLD_SIZE + (RANK < n % WORLD_SIZE)) / n  # this rank's part of them (1 on one process)
 
         # forward, backward, step
         with autocast(args, device):
             loss = net(**batch).loss  # task loss (+ AdaLoRA's penalty, added by PEFT)
-        loss_sum += loss.detach()
+        loss_sum += loss.detach() * share
         orth = method.regularizer()  # FlexLoRA's R
         if orth is not None:
             orth_sum += orth.detach()
             loss = loss + args.gamma * orth  # the paper's loss: task + γ·R
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]  # current objects
+        if WORLD_SIZE > 1:
+            all_reduce_grads(params, share)  # the global batch's gradient, on every rank
         if args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         t = step + 1  # optimizer steps taken
+        n_alloc = len(method.history)
         method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
+        if WORLD_SIZE > 1 and len(method.history) > n_alloc:
+            check_replicas(method, f"after the allocation at step {t}")
         optimizer.zero_grad(set_to_none=True)
         n_logged += 1
         pbar.update(1)
@@ -482,6 +635,8 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         # one log line every log_every steps
         if t % args.log_every == 0 or t == T:
             ms = 1000 * (time.time() - tick) / n_logged
+            if WORLD_SIZE > 1:
+                dist.all_reduce(loss_sum)  # the global batch's loss
             line = f"step {t} | loss {loss_sum.item() / n_logged:.4f}"
             if orth is not None:
                 line += f" | orth {orth_sum.item() / n_logged:.4f} | b(t) {method.budget(t)}"
@@ -508,14 +663,18 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
             return None
     pbar.close()
     elapsed += time.time() - t0
-    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key)
+    if WORLD_SIZE > 1:
+        check_replicas(method, "at the end")
+    if RANK > 0:
+        return None  # rank 0 writes the outputs
+    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, processor)
 
 
 # -----------------------------------------------------------------------------
 # Outputs of a run: metrics, rank history, adapter, pictures
 
 
-def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key):
+def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, processor=None):
     best = max(evals, key=lambda e: e[score_key])
     final_ranks = method.ranks()
     counts["final_total_rank"] = sum(final_ranks.values())
@@ -532,6 +691,11 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
     write_json(os.path.join(args.output_dir, "rank_history.json"),
                dict(method=args.method, initial=initial_ranks, history=method.history, final=final_ranks))
     method.save(args.output_dir)
+    if args.save_merged:  # ΔW folded into W: a plain transformers model, for serving
+        folder = os.path.join(args.output_dir, "merged")
+        method.merged().save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
     plot_ranks(final_ranks, initial_ranks, method.history, T, args.output_dir, args.method)
     print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items() if k not in ("step", "epoch")))
     print(f"best (step {best['step']}): {score_key} {best[score_key]:.4f}; {elapsed:.0f} s; "

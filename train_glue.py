@@ -11,10 +11,17 @@ Baselines from PEFT at FlexLoRA's trainable-parameter count:
 $ python train_glue.py --task mrpc --method lora
 $ python train_glue.py --task mrpc --method adalora
 
-Offline smoke run (tiny DeBERTa, built-in data, < 1 min on CPU):
-$ python train_glue.py --smoke
+Multi-GPU, one process per GPU (--batch_size stays the global batch, split across them):
+$ torchrun --standalone --nproc_per_node 4 train_glue.py --task mrpc
 
-Interrupted? Continue from the last checkpoint:
+Also write merged/ (ΔW folded in, a plain transformers model for serving) beside the adapter:
+$ python train_glue.py --task mrpc --save_merged
+
+Offline smoke run (tiny DeBERTa, built-in data, < 1 min on CPU), and the same on 2 CPU processes:
+$ python train_glue.py --smoke
+$ torchrun --standalone --nproc_per_node 2 train_glue.py --smoke
+
+Interrupted? Continue from the last checkpoint (under torchrun: the same torchrun line):
 $ python train_glue.py --resume runs/glue-rte-flexlora-...
 """
 
@@ -311,7 +318,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    args = common.prepare_output_dir(args, f"glue-{args.task}")  # --resume: the run's own settings
+    args = common.start_run(args, f"glue-{args.task}")  # torchrun's processes; --resume: the run's settings
     torch.manual_seed(args.seed)  # the head's initialisation (and the smoke model)
     data = load_data(args)
     model, tokenizer = load_model(args)
@@ -334,7 +341,7 @@ def main(argv=None):
     # the task head stays trainable (not adapted): the classifier, and the pooler where there is one
     names = [n for n, _ in model.named_modules()]
     heads = [h for h in ("classifier", "pooler") if any(n == h or n.endswith("." + h) for n in names)]
-    return common.train(args, model, train_set, collate, evaluate, targets, heads)
+    return common.train(args, model, train_set, collate, evaluate, targets, heads, processor=tokenizer)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ $ python train_vit.py --data path/to/folder
 Baselines at FlexLoRA's trainable-parameter count, attention adapted as well:
 $ python train_vit.py --dataset cifar100 --vtab1k --method lora --attn
 
-Offline smoke run (tiny ViT, built-in images, < 1 min on CPU):
+Multi-GPU, one process per GPU (--batch_size stays the global batch), and a merged/ model for serving:
+$ torchrun --standalone --nproc_per_node 4 train_vit.py --dataset cifar100 --vtab1k --save_merged
+
+Offline smoke run (tiny ViT, built-in images, < 1 min on CPU), and the same on 2 CPU processes:
 $ python train_vit.py --smoke
+$ torchrun --standalone --nproc_per_node 2 train_vit.py --smoke
 """
 
 import argparse
@@ -254,7 +258,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    args = common.prepare_output_dir(args, "vit-" + ("smoke" if args.smoke else os.path.basename(
+    args = common.start_run(args, "vit-" + ("smoke" if args.smoke else os.path.basename(
         os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset))
     torch.manual_seed(args.seed)  # the new head's initialisation (and the smoke model)
     data, n_classes = load_data(args)
@@ -277,7 +281,8 @@ def main(argv=None):
         return {"accuracy": float((logits.argmax(-1) == labels).mean())}  # top-1
 
     targets = common.find_targets(model, [MLP + ATTN if args.attn else MLP], args.target_modules)
-    return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"], "accuracy")
+    return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"], "accuracy",
+                        processor=processor)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,153 @@
+"""Tests of the training scripts under torchrun: 2 processes on CPU (gloo), tiny smoke runs.
+
+Run: python -m pytest -q test_ddp.py   (about a minute on 2 CPU cores)
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_glue
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# 2 epochs of 8 steps (global batch 16: 8 examples per process; the last batch holds 1 example, so
+# one process computes on none: a copy weighted 0), an allocation at every step 4..11
+TINY = ["--smoke", "--max_train_samples", "113", "--max_eval_samples", "32", "--epochs", "2", "--t_w", "3",
+        "--t_f", "5", "--delta", "1", "--schedule", "constant", "--log_every", "8"]
+METHODS = ("flexlora", "adalora")  # AdaLoRA: its masks follow the (all-reduced) gradients
+
+# train_glue.py ROOT [flags], once per method into ROOT/<method>, with the smoke model's dropout off
+# (one process cannot draw the masks that two draw). After each run, on every rank: its trainable
+# weights in rank<R>.safetensors; and for FlexLoRA, check_replicas() with rank 1's weights nudged
+# by 1e-7, its error in nudged<R>.txt
+LAUNCHER = """
+import sys, types
+import torch
+from safetensors.torch import save_file
+import flexlora, train_common, train_glue
+
+make, train = train_glue.smoke_model, train_common.train
+
+def smoke_model(*a):
+    model = make(*a)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+def train_and_check(args, model, *rest, **kw):
+    result = train(args, model, *rest, **kw)
+    rank, out = train_common.RANK, args.output_dir
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+              f"{out}/rank{rank}.safetensors")
+    if args.method == "flexlora":
+        if rank == 1:
+            with torch.no_grad():
+                next(iter(flexlora.adapters(model).values())).Lambda[0] += 1e-7
+        try:
+            replica = types.SimpleNamespace(net=model, ranks=lambda: flexlora.rank_pattern(model))
+            train_common.check_replicas(replica, "after a nudge")
+        except RuntimeError as e:
+            open(f"{out}/nudged{rank}.txt", "w").write(str(e))
+    return result
+
+train_glue.smoke_model, train_common.train = smoke_model, train_and_check
+for method in %r:
+    train_glue.main(sys.argv[2:] + ["--method", method, "--output_dir", f"{sys.argv[1]}/{method}"])
+""" % (METHODS,)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def torchrun(script, args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           script] + args
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def read(run_dir, name):
+    with open(os.path.join(run_dir, name)) as f:
+        return json.load(f)
+
+
+def no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def weights(run_dir):
+    flexlora_file = os.path.join(run_dir, "adapter.safetensors")
+    return load_file(flexlora_file if os.path.exists(flexlora_file)
+                     else os.path.join(run_dir, "adapter", "adapter_model.safetensors"))  # PEFT's
+
+
+def decisions(run_dir):
+    """The run's allocations (FlexLoRA's scores, floats, aside) and final ranks."""
+    h = read(run_dir, "rank_history.json")
+    assert len(h["history"]) == 8 and h["final"] != h["initial"]
+    return [{k: v for k, v in r.items() if k != "scores"} for r in h["history"]], h["final"]
+
+
+def assert_same_run(a, b, atol, rtol):
+    assert decisions(a) == decisions(b)  # every allocation decided alike
+    for ea, eb in zip(read(a, "metrics.json")["evals"], read(b, "metrics.json")["evals"], strict=True):
+        assert ea == pytest.approx(eb, abs=1e-6)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=rtol)
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, monkeypatch):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    stdout = torchrun(str(launcher), [str(tmp_path / "two")] + TINY)
+    assert "2 processes, 8 examples each" in stdout
+    make = train_glue.smoke_model
+    monkeypatch.setattr(train_glue, "smoke_model", lambda *a: no_dropout(make(*a)))
+    for method in METHODS:
+        one, two = str(tmp_path / "one" / method), str(tmp_path / "two" / method)
+        # the two processes ended bit for bit alike
+        r0, r1 = (load_file(os.path.join(two, f"rank{r}.safetensors")) for r in (0, 1))
+        assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+        # one process, the whole batch: float rounding differs (each process pads and sums its own
+        # part of the batch), ~1e-7 after 16 Adam steps
+        train_glue.main(TINY + ["--method", method, "--output_dir", one])
+        assert_same_run(one, two, atol=1e-6, rtol=1e-5)
+    # the built-in check stops every process when the replicas differ by as little as 1e-7
+    for rank in (0, 1):
+        assert "adapters differ after a nudge" in (tmp_path / "two" / "flexlora" / f"nudged{rank}.txt").read_text()
+    # rank 0 wrote the outputs, the PEFT adapter among them
+    assert os.path.isfile(os.path.join(tmp_path, "two", "flexlora", "peft_adapter", "adapter_model.safetensors"))
+
+
+def test_resume_under_torchrun(tmp_path):
+    # dropout on: each process's dropout stream must continue where it stopped
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    script = os.path.join(HERE, "train_glue.py")
+    torchrun(script, TINY + ["--output_dir", full])
+    torchrun(script, TINY + ["--output_dir", part, "--stop_after", "9"])
+    assert not os.path.exists(os.path.join(part, "metrics.json"))
+    state = torch.load(os.path.join(part, "checkpoint", "state.pt"), weights_only=True)
+    assert len(state["rank_rng"]) == 2 and not torch.equal(state["rank_rng"][0][0], state["rank_rng"][1][0])
+    torchrun(script, ["--resume", part])
+    assert_same_run(full, part, atol=1e-5, rtol=1e-4)

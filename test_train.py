@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import shutil
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -417,3 +418,21 @@ def test_lr_scale_multiplies_the_tasks_learning_rate():
     assert scaled.param_groups[0]["lr"] == pytest.approx(3 * 1.2e-3)
     given = common.build_optimizer(net, train_glue.get_args(["--task", "rte", "--lr", "1e-4", "--lr_scale", "2"]))
     assert given.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_lambda_trains_at_its_ratio_of_the_learning_rate():
+    def optimizer(*flags):
+        net = torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(4, 4), norm=torch.nn.LayerNorm(4),
+                                              head=torch.nn.Linear(4, 2)))
+        flexlora.inject(net, ["fc"], r=2, alpha=4, trainable=["norm", "head"])
+        args = train_glue.get_args(["--task", "rte", "--weight_decay", "0.1", *flags])
+        groups = common.build_optimizer(net, args).param_groups
+        lam = net.fc.Lambda
+        return {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}, \
+            [g["lr"] for g in groups if any(p is lam for p in g["params"])]
+    groups, lam_lr = optimizer()  # the default: λ at LAMBDA_LR_RATIO × RTE's 1.2e-3
+    assert lam_lr == [pytest.approx(common.LAMBDA_LR_RATIO * 1.2e-3)]
+    # P, Q and the head's weight decay; its bias and the norm's two parameters do not; λ on its own
+    assert groups == {(1.2e-3, 0.1): 3, (1.2e-3, 0.0): 3, (common.LAMBDA_LR_RATIO * 1.2e-3, 0.1): 1}
+    groups, lam_lr = optimizer("--lambda_lr_ratio", "1")  # the paper: one learning rate
+    assert lam_lr == [pytest.approx(1.2e-3)] and groups == {(1.2e-3, 0.1): 4, (1.2e-3, 0.0): 3}

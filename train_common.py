@@ -9,6 +9,10 @@ A run directory (--output_dir) ends up holding:
     ranks.png            final rank per layer x module type
     rank_history.png     total rank per module type over training
     checkpoint/          everything --resume needs (adapter, optimizer, LR scheduler, allocator, RNG)
+
+A mistake in the command line or in the files it names ends the run before it touches
+--output_dir, with one line `error: ...` on stderr and exit code 2, as argparse does (die).
+A run whose loss turns non-finite stops with exit code 1, keeping its last good checkpoint.
 """
 
 import argparse
@@ -17,8 +21,10 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -28,11 +34,44 @@ from transformers import get_linear_schedule_with_warmup
 import flexlora
 
 # -----------------------------------------------------------------------------
+# User errors: one line and exit code 2, never a stack trace
+
+
+class UserError(SystemExit):
+    """SystemExit with code 2 (argparse's, for a usage error) whose str() is the message."""
+
+    def __init__(self, msg, code=2):
+        super().__init__(code)
+        self.msg = msg
+
+    def __str__(self):
+        return self.msg
+
+
+def die(msg, code=2):
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise UserError(msg, code)
+
+
+@contextmanager
+def user_errors():
+    # the ValueErrors of flexlora.py and of the data readers name the bad input and say what to do
+    try:
+        yield
+    except ValueError as e:
+        die(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+# -----------------------------------------------------------------------------
 # Flags shared by both scripts (each script adds its # data and # model groups and its defaults)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass  # --help: the docstring as written, and every flag's default
+
+
+# FlexLoRA's λ trains at this multiple of the learning rate (flexlora.param_groups; bench/README.md)
+LAMBDA_LR_RATIO = 16.0
 
 
 def add_common_args(parser):
@@ -58,6 +97,8 @@ def add_common_args(parser):
     # optimizer
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
+    g.add_argument("--lambda_lr_ratio", type=float, default=LAMBDA_LR_RATIO,
+                   help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups)")
     g.add_argument("--lr_scale", type=float, default=1.0,
                    help="multiplies the peak learning rate (--lr or the task's default)")
     g.add_argument("--weight_decay", type=float, help="AdamW decay (not on biases and norms)")
@@ -325,13 +366,14 @@ def setup_method(model, args, targets, trainable, total_steps):
 
 
 def build_optimizer(net, args):
-    # AdamW; no decay on biases and norms (as HF's Trainer, which the authors' scripts use)
-    decay, no_decay = [], []
-    for n, p in net.named_parameters():
-        if p.requires_grad:
-            (no_decay if "bias" in n or "norm" in n.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr * args.lr_scale)
+    # AdamW; FlexLoRA's λ at --lambda_lr_ratio × lr; no decay on biases and norms (as HF's Trainer)
+    no_decay = {id(p) for n, p in net.named_parameters() if "bias" in n or "norm" in n.lower()}
+    groups = []
+    for g in flexlora.param_groups(net, args.lr * args.lr_scale, args.lambda_lr_ratio):
+        for decay in (True, False):
+            params = [p for p in g["params"] if (id(p) not in no_decay) == decay]
+            groups.append(dict(g, params=params, weight_decay=args.weight_decay if decay else 0.0))
+    return torch.optim.AdamW([g for g in groups if g["params"]])
 
 
 # -----------------------------------------------------------------------------

@@ -436,3 +436,16 @@ def test_lambda_trains_at_its_ratio_of_the_learning_rate():
     assert groups == {(1.2e-3, 0.1): 3, (1.2e-3, 0.0): 3, (common.LAMBDA_LR_RATIO * 1.2e-3, 0.1): 1}
     groups, lam_lr = optimizer("--lambda_lr_ratio", "1")  # the paper: one learning rate
     assert lam_lr == [pytest.approx(1.2e-3)] and groups == {(1.2e-3, 0.1): 4, (1.2e-3, 0.0): 3}
+
+
+def test_holdout_is_kept_out_of_training_and_scored(tmp_path):
+    out = str(tmp_path / "glue")
+    metrics = train_glue.main(GLUE_TINY + ["--holdout", "32", "--output_dir", out])
+    final = metrics["final"]
+    assert {"mcc", "score", "holdout_mcc"} <= set(final) and final["score"] == final["mcc"]  # dev alone
+    assert metrics["train_steps"] == 2 * 6  # 128 - 32 = 96 examples: 6 batches of 16 per epoch
+    vit = train_vit.main(VIT_TINY + ["--holdout", "8", "--output_dir", str(tmp_path / "vit")])
+    assert {"accuracy", "holdout_accuracy"} <= set(vit["final"])
+    train_set, held = common.hold_out(list(range(10)), argparse.Namespace(holdout=3))
+    assert sorted(train_set + held) == list(range(10)) and len(held) == 3
+    assert common.hold_out(list(range(10)), argparse.Namespace(holdout=3))[1] == held  # whatever the seed

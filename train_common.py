@@ -114,6 +114,9 @@ def add_common_args(parser):
     g.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR, with its settings")
     g.add_argument("--stop_after", type=int, default=0,
                    help="stop after this many steps, leaving a checkpoint (simulates an interruption)")
+    g.add_argument("--holdout", type=int, default=0,
+                   help="keep this many training examples out of training and score them at each evaluation "
+                        "(holdout_* metrics): choose hyperparameters on them, never on dev")
     g.add_argument("--eval_every", type=int, default=1, help="epochs between evaluations (and at the end)")
     g.add_argument("--ckpt_every", type=int, default=0, help="steps between checkpoints (0: at each eval)")
     g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
@@ -202,6 +205,17 @@ def find_targets(model, candidates, override=None):
     known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in names})
     raise ValueError(f"target modules {override or candidates} do not all match this model's Linear "
                      f"layers; pass --target_modules a,b,c from: {known}")
+
+
+def hold_out(train_set, args):
+    """(training examples, held-out examples or None): --holdout N takes N examples out of
+    training, the same N for every seed and method, so their scores compare hyperparameters."""
+    if not args.holdout:
+        return train_set, None
+    if not 0 < args.holdout < len(train_set):
+        raise SystemExit(f"error: --holdout {args.holdout}: give fewer examples than the {len(train_set)} of training")
+    order = np.random.default_rng(0).permutation(len(train_set)).tolist()
+    return [train_set[i] for i in order[args.holdout:]], [train_set[i] for i in order[:args.holdout]]
 
 
 def count(params):

@@ -315,7 +315,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the head's initialisation (and the smoke model)
     data = load_data(args)
     model, tokenizer = load_model(args)
-    train_set = encode(tokenizer, *data["train"], args.max_length)
+    train_set, held = common.hold_out(encode(tokenizer, *data["train"], args.max_length), args)
     dev_sets = {k[3:]: encode(tokenizer, *v, args.max_length) for k, v in data.items() if k.startswith("dev")}
     print(f"GLUE {args.task}: {len(train_set):,} train, "
           + ", ".join(f"{len(d):,} dev{k}" for k, d in dev_sets.items()))
@@ -328,7 +328,11 @@ def main(argv=None):
         for suffix, dev in dev_sets.items():
             logits, labels = common.predict(net, dev, collate, args)
             metrics |= {k + suffix: v for k, v in glue_metrics(args.task, logits, labels).items()}
-        return metrics | {"score": float(np.mean(list(metrics.values())))}  # the GLUE task score
+        metrics["score"] = float(np.mean(list(metrics.values())))  # the GLUE task score
+        if held:  # --holdout: the same metrics on training examples kept out of training
+            logits, labels = common.predict(net, held, collate, args)
+            metrics |= {"holdout_" + k: v for k, v in glue_metrics(args.task, logits, labels).items()}
+        return metrics
 
     targets = common.find_targets(model, TARGETS, args.target_modules)
     # the task head stays trainable (not adapted): the classifier, and the pooler where there is one

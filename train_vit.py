@@ -261,6 +261,7 @@ def main(argv=None):
     model = load_model(args, n_classes)
     processor = image_processor(args, model.config)
     train_set, test_set = Images(*data["train"]), Images(*data["test"])
+    train_set, held = common.hold_out(train_set, args)
     print(f"{len(train_set):,} training and {len(test_set):,} test images, {n_classes} classes; "
           f"resized to {model.config.image_size}, mean {np.round(processor.image_mean, 3).tolist()}")
     if args.t_w is None:  # the default window: fractions of the run
@@ -273,8 +274,11 @@ def main(argv=None):
         return {"pixel_values": pixels, "labels": torch.tensor(labels)}
 
     def evaluate(net):
-        logits, labels = common.predict(net, test_set, collate, args)
-        return {"accuracy": float((logits.argmax(-1) == labels).mean())}  # top-1
+        top1 = lambda logits, labels: float((logits.argmax(-1) == labels).mean())
+        metrics = {"accuracy": top1(*common.predict(net, test_set, collate, args))}
+        if held:  # --holdout: training images kept out of training
+            metrics["holdout_accuracy"] = top1(*common.predict(net, held, collate, args))
+        return metrics
 
     targets = common.find_targets(model, [MLP + ATTN if args.attn else MLP], args.target_modules)
     return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"], "accuracy")

@@ -363,3 +363,23 @@ def test_dynamics_delta_weights_are_what_the_forward_adds(method):
     W = first.base.weight if method == "flexlora" else first.base_layer.weight
     assert torch.allclose(first(x) - x @ W.T - (first.base.bias if method == "flexlora" else first.base_layer.bias),
                           x @ got[0].double().T, atol=1e-5)
+
+
+def test_quality_best_lr_is_chosen_on_the_holdout_not_on_dev(tmp_path, monkeypatch):
+    args = Q.get_args(["--minilm", "/m", "--lr_scales", "0.33", "1", "3"])
+    cmd = Q.command("stsb", "lora@3", 0, "out/x", args)
+    assert cmd[cmd.index("--lr_scale") + 1] == "3" and cmd[cmd.index("--holdout") + 1] == "400"
+    assert "--holdout" not in Q.command("stsb", "lora", 0, "out/x", args)  # the plain runs train on all
+    vision = Q.command("cifar100", "flexlora-paper@0.33", 0, "out/x", args)
+    assert vision[vision.index("--holdout") + 1] == "100" and vision[vision.index("--lambda_lr_ratio") + 1] == "1"
+
+    def fake_run(task, method, seed, args):  # ×3 is best on dev, ×1 on the holdout
+        dev, held = {"lora": (0.5, 0.5), "lora@0.33": (0.4, 0.4), "lora@1": (0.6, 0.7), "lora@3": (0.9, 0.6)}[method]
+        return {"final": {"pearson": dev + seed / 100, "holdout_pearson": held}, "counts": {"trainable": 1},
+                "wall_time_s": 1.0, "config": {"seed": seed}}
+    monkeypatch.setattr(Q, "run", fake_run)
+    Q.main(["--tasks", "stsb", "--methods", "lora", "--seeds", "0", "2", "--lr_scales", "0.33", "1", "3",
+            "--out", str(tmp_path)])
+    md = open(tmp_path / "results.md").read()
+    assert "| lora | 51.0 ± 1.4 |" in md  # the task's lr, trained on every example
+    assert "| lora | 61.0 ± 1.4 (lr ×1) |" in md  # chosen on the holdout: ×1, though ×3 has the best dev

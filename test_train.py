@@ -449,3 +449,17 @@ def test_holdout_is_kept_out_of_training_and_scored(tmp_path):
     train_set, held = common.hold_out(list(range(10)), argparse.Namespace(holdout=3))
     assert sorted(train_set + held) == list(range(10)) and len(held) == 3
     assert common.hold_out(list(range(10)), argparse.Namespace(holdout=3))[1] == held  # whatever the seed
+
+
+def test_orthonormal_init_and_gamma_warmup(tmp_path):
+    args = train_glue.get_args(["--smoke", "--init", "orthonormal"])
+    model = train_glue.smoke_model("cola", 40)
+    method = common.FlexLoRA(model, args, ["query_proj", "value_proj"], ["classifier"], total_steps=100)
+    for m in flexlora.adapters(model).values():
+        eye = torch.eye(m.r)
+        assert torch.allclose(m.P.T @ m.P, eye, atol=1e-5) and torch.allclose(m.Q @ m.Q.T, eye, atol=1e-5)
+    assert float(method.regularizer()) < 1e-4 and not any(m.Lambda.any() for m in flexlora.adapters(model).values())
+    # γ ramps up: with --gamma_warmup the first steps see less of R, so P and Q move less towards it
+    ramp = train_glue.main(GLUE_TINY + ["--gamma_warmup", "1000", "--gamma", "50", "--output_dir", str(tmp_path / "a")])
+    full = train_glue.main(GLUE_TINY + ["--gamma", "50", "--output_dir", str(tmp_path / "b")])
+    assert ramp["evals"] != full["evals"] or ramp["final"] != full["final"]

@@ -16,6 +16,7 @@ A run whose loss turns non-finite stops with exit code 1, keeping its last good 
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -97,6 +98,9 @@ def add_common_args(parser):
     # optimizer
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
+    g.add_argument("--gamma_warmup", type=int, default=0, help="steps over which γ ramps up from 0 (0: none)")
+    g.add_argument("--init", default="gaussian", choices=["gaussian", "orthonormal"],
+                   help="P and Q at start: N(0, 0.02²) entries (the paper), or orthonormal")
     g.add_argument("--lambda_lr_ratio", type=float, default=LAMBDA_LR_RATIO,
                    help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups)")
     g.add_argument("--lr_scale", type=float, default=1.0,
@@ -128,47 +132,165 @@ def add_common_args(parser):
 
 # these may differ when a run is resumed; everything else comes from the saved run
 RUN_CONTROL = ("resume", "stop_after", "num_workers", "overwrite")
+# every file and folder a run writes in --output_dir: --overwrite removes these and nothing else
+RUN_FILES = ("metrics.json", "rank_history.json", "adapter.safetensors", "adapter", "ranks.png",
+             "rank_history.png", "checkpoint", "checkpoint.old", "checkpoint.tmp", "metrics.json.tmp",
+             "rank_history.json.tmp")
+# the settings a run's checkpoint/args.json must hold (a run saved before a flag existed lacks it)
+SAVED = ("method", "r", "lr", "epochs", "batch_size", "seed")
 
 
-def prepare_output_dir(args, name):
-    """Pick the run directory; refuse to touch a finished or running one unless asked to."""
+def check_args(args):
+    """Every shared flag in range, before anything is loaded or written: die() on the first bad one.
+    (Values may come from a saved args.json: types are checked too.)"""
+    def need(flag, ok, what):
+        v = getattr(args, flag, None)
+        if not ok(v):
+            die(f"--{flag} must be {what}, got {v!r}")
+
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for flag, lo in (("r", 1), ("b0", 0), ("r_min", 1), ("batch_size", 1), ("epochs", 1), ("seed", 0),
+                     ("stop_after", 0), ("eval_every", 1), ("ckpt_every", 0), ("log_every", 1),
+                     ("eval_batch_size", 1), ("num_workers", 0)):
+        need(flag, lambda v: is_int(v) and v >= lo, f"an integer >= {lo}")
+    for flag, lo in (("t_w", 0), ("t_f", 0), ("delta", 1), ("r_max", 1), ("target_r", 1)):  # None: default
+        need(flag, lambda v: v is None or is_int(v) and v >= lo, f"an integer >= {lo}")
+    for flag in ("alpha", "lr", "lr_scale", "lambda_lr_ratio"):
+        if hasattr(args, flag):
+            need(flag, lambda v: is_num(v) and v > 0, "a finite number > 0")
+    for flag in ("gamma", "weight_decay", "max_grad_norm"):
+        need(flag, lambda v: is_num(v) and v >= 0, "a finite number >= 0 (0: off)")
+    need("lora_dropout", lambda v: is_num(v) and 0 <= v < 1, "a probability in [0, 1)")
+    need("warmup_ratio", lambda v: is_num(v) and 0 <= v <= 1, "a fraction of the training steps, in [0, 1]")
+    need("method", lambda v: v in ("flexlora", "lora", "adalora"), "flexlora, lora or adalora")
+    need("schedule", lambda v: v in ("cubic", "constant"), "cubic or constant")
+    # combinations
+    need("r_min", lambda v: v <= args.r, f"<= --r ({args.r}), or no matrix may start at rank r")
+    need("r_max", lambda v: v is None or v >= args.r, f">= --r ({args.r}), or no matrix may start at rank r")
+    if args.method == "adalora":
+        need("target_r", lambda v: v is None or v <= args.r, f"<= --r ({args.r}): AdaLoRA only masks rank away")
+    if args.target_modules is not None:
+        need("target_modules", lambda v: isinstance(v, str) and all(v.split(",")),
+             "comma-separated module names, none empty")
+
+
+def recover_checkpoint(out_dir):
+    """save_checkpoint swaps with two renames: a crash between them leaves checkpoint.old, the last
+    complete checkpoint, and no checkpoint/. Put it back (never delete it)."""
+    ckpt = os.path.join(out_dir, "checkpoint")
+    if not os.path.exists(ckpt) and os.path.isdir(ckpt + ".old"):
+        os.replace(ckpt + ".old", ckpt)
+        print(f"note: recovered {ckpt} from {ckpt}.old (a run stopped while saving its checkpoint)")
+
+
+def prepare_output_dir(args, name, check=check_args):
+    """Pick the run directory (--resume: and the run's own settings), check the arguments with
+    check(args), and refuse to go near another run unless asked to. Deletes nothing: start_run()
+    clears an --overwrite'n run once the new one has loaded without an error."""
     if args.resume:
+        if not os.path.isdir(args.resume):
+            die(f"--resume {args.resume}: no such directory")
+        recover_checkpoint(args.resume)
         saved = os.path.join(args.resume, "checkpoint", "args.json")
         if not os.path.exists(saved):
-            raise SystemExit(f"error: --resume {args.resume}: no checkpoint there ({saved} is missing)")
-        with open(saved) as f:
-            config = json.load(f)
+            die(f"--resume {args.resume}: no checkpoint there ({saved} is missing)")
+        try:
+            with open(saved) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: broken JSON or not UTF-8
+            config = f"unreadable ({type(e).__name__}: {e})"
+        unknown = sorted(set(config) - set(vars(args))) if isinstance(config, dict) else []
+        if not isinstance(config, dict) or not set(SAVED) <= set(config) or unknown:
+            why = config if isinstance(config, str) else f"settings {unknown[:3]} unknown to this script " \
+                f"(a run of the other one?)" if unknown else "not a run's settings"
+            die(f"--resume {args.resume}: {saved} is {why}; this run cannot continue: start it again "
+                f"with --output_dir {args.resume} --overwrite")
         print(f"resuming {args.resume} with its saved settings (other flags are ignored)")
         config.update({k: getattr(args, k) for k in RUN_CONTROL})
         config["output_dir"] = args.resume
         vars(args).update(config)
+        check(args)
         return args
+    check(args)
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{name}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    held = [f for f in ("metrics.json", "checkpoint", "adapter.safetensors", "adapter")
-            if os.path.exists(os.path.join(args.output_dir, f))]
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        die(f"--output_dir {args.output_dir} is a file, not a directory")
+    held = [f for f in RUN_FILES if os.path.lexists(os.path.join(args.output_dir, f))]
     if held and not args.overwrite:
-        raise SystemExit(f"error: --output_dir {args.output_dir} already holds a run ({', '.join(held)}): "
-                         f"pass --overwrite to replace it, or --resume {args.output_dir} to continue it")
-    for f in held:  # --overwrite: clear the old run's files, so nothing stale is mixed in
-        path = os.path.join(args.output_dir, f)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(args.output_dir, exist_ok=True)
+        die(f"--output_dir {args.output_dir} already holds a run ({', '.join(held)}): pass --overwrite "
+            f"to replace it, or --resume {args.output_dir} to continue it")
     return args
 
 
+def start_run(args):
+    """Once the run has loaded without an error: create --output_dir, after clearing (--overwrite)
+    every file of the old run in it, so that nothing stale is mixed in. Other files stay."""
+    if not args.resume:
+        for f in RUN_FILES:
+            path = os.path.join(args.output_dir, f)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# Models and data from the Hugging Face Hub or local folders
+
+
+def hub_unreachable():
+    """None if the Hugging Face Hub answers within 5 s, else why not. (The Hub client would retry 5
+    times, 23-46 s, before failing; with HF_HUB_OFFLINE=1 the libraries read their cache alone.)"""
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return None  # the libraries fail at once themselves if the cache lacks it
+    return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@functools.lru_cache(maxsize=None)  # once per process
+def _probe(endpoint):
+    import urllib.error
+    import urllib.request
+
+    try:  # (through the proxy of https_proxy, if one is set)
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except (OSError, ValueError) as e:  # no network, no DNS, refused, timed out
+        return f"{endpoint} cannot be reached ({getattr(e, 'reason', e)})"
+    return None
+
+
+def need_hub(what, instead):
+    """die() at once, saying what to do, when `what` must come from an unreachable Hub."""
+    why = hub_unreachable()
+    if why:
+        die(f"{what} is on the Hugging Face Hub, and {why}. {instead}; or, if it is in your Hugging "
+            f"Face cache, set HF_HUB_OFFLINE=1 to load it from there")
+
+
+def where(name):
+    """A model or dataset as metrics.json records it: its absolute path, or its Hub name."""
+    return os.path.abspath(name) if os.path.exists(name) else f"Hub: {name}"
+
+
 def from_pretrained(cls, name, flag="--model", **kwargs):
-    """cls.from_pretrained(name, ...), with a clear message when the path or the Hub is not there."""
+    """cls.from_pretrained(name, ...), with one clear line when the path, the Hub or the checkpoint
+    is not what is needed."""
     if not os.path.exists(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
-        raise SystemExit(f"error: {flag} {name}: no such local directory (a local checkpoint is a folder "
-                         f"with config.json and the weights, e.g. written by save_pretrained)")
+        die(f"{flag} {name}: no such local directory (a local checkpoint is a folder with config.json "
+            f"and the weights, e.g. written by save_pretrained)")
+    if not os.path.exists(name):
+        need_hub(f"{flag} {name}", f"Pass {flag} PATH to a local checkpoint, or --smoke for the built-in tiny model")
     try:
         return cls.from_pretrained(name, **kwargs)
-    except OSError as e:
+    except Exception as e:  # OSError (missing files), ValueError (e.g. a ViT given to a text script), ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "local folder" if os.path.exists(name) else "Hugging Face Hub model"
-        raise SystemExit(f"error: {flag} {name}: could not load this {where} "
-                         f"({str(e).splitlines()[0]}). Offline? Pass {flag} PATH to a local checkpoint, "
-                         f"or --smoke for the built-in tiny model.") from None
+        die(f"{flag} {name}: {cls.__name__} could not load this {where} ({first}). Offline? Pass {flag} "
+            f"PATH to a local checkpoint, or --smoke for the built-in tiny model")
 
 
 def fit_window(args, total_steps):
@@ -188,6 +310,12 @@ def fit_window(args, total_steps):
           f"steps; scaled to t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}")
 
 
+def allocation_steps(args, total_steps):
+    """The steps at which FlexLoRA's RankAllocator will move rank: every Δ steps after t_w where b(t) > 0."""
+    return [t for t in range(args.t_w + args.delta, total_steps - args.t_f + 1, args.delta)
+            if flexlora.budget(t, args.b0, args.t_w, args.t_f, total_steps, args.schedule) > 0]
+
+
 # -----------------------------------------------------------------------------
 # Methods: FlexLoRA, or LoRA / AdaLoRA from PEFT at the same trainable-parameter count. Each is
 # an object the loop drives the same way: net (what it calls), regularizer() (R, or None),
@@ -199,12 +327,18 @@ def find_targets(model, candidates, override=None):
     """The first list of target modules in `candidates` all of whose entries name a Linear of
     `model` (module names differ between architectures), or --target_modules if given."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for targets in ([override.split(",")] if override else candidates):
+    known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in names})  # layer indices collapsed to N
+    if override:
+        missing = [t for t in override.split(",") if not any(flexlora.matches(n, t) for n in names)]
+        if missing:
+            raise ValueError(f"--target_modules: {', '.join(missing)} match no Linear layer of this model; "
+                             f"its Linear layers are {known}")
+        return override.split(",")
+    for targets in candidates:
         if all(any(flexlora.matches(n, t) for n in names) for t in targets):
             return list(targets)
-    known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in names})
-    raise ValueError(f"target modules {override or candidates} do not all match this model's Linear "
-                     f"layers; pass --target_modules a,b,c from: {known}")
+    raise ValueError(f"target modules {candidates} do not all match this model's Linear layers; "
+                     f"pass --target_modules a,b,c from: {known}")
 
 
 def hold_out(train_set, args):
@@ -231,6 +365,12 @@ class FlexLoRA:
         self.allocator = flexlora.RankAllocator(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
                                                 total_steps=total_steps, interval=args.delta, r_min=args.r_min,
                                                 r_max=args.r_max, seed=args.seed, schedule=args.schedule)
+        if args.init == "orthonormal":  # P, Q start orthonormal, R's minimum (paper: N(0, σ²))
+            gen = torch.Generator().manual_seed(args.seed)
+            with torch.no_grad():
+                for m in flexlora.adapters(model).values():
+                    m.P.copy_(torch.linalg.qr(torch.randn(m.P.shape, generator=gen))[0])  # (d_out, r)
+                    m.Q.copy_(torch.linalg.qr(torch.randn(m.Q.T.shape, generator=gen))[0].T)  # (r, d_in)
         K = len(flexlora.adapters(model))
         print(f"flexlora: {K} matrices, r = {args.r} (total rank {args.r * K}), alpha {args.alpha:g} "
               f"(s = {args.alpha / args.r:.3g}), b0 {args.b0}, t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, "
@@ -349,7 +489,11 @@ class Peft:
     def load_weights(self, path):
         from safetensors.torch import load_file
 
-        missing, unexpected = self.net.load_state_dict(load_file(path), strict=False)
+        try:
+            tensors = load_file(path)
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise ValueError(f"{path} cannot be loaded ({str(e).strip()[:200]})") from None
+        missing, unexpected = self.net.load_state_dict(tensors, strict=False)
         if unexpected:
             raise ValueError(f"{path} does not fit this model: {unexpected[:3]}")
 
@@ -379,6 +523,11 @@ def setup_method(model, args, targets, trainable, total_steps):
     return method, counts
 
 
+def gamma_at(args, t):
+    """γ at step t: --gamma, ramped up linearly over the first --gamma_warmup steps (0: none)."""
+    return args.gamma * min(1.0, t / args.gamma_warmup) if args.gamma_warmup else args.gamma
+
+
 def build_optimizer(net, args):
     # AdamW; FlexLoRA's λ at --lambda_lr_ratio × lr; no decay on biases and norms (as HF's Trainer)
     no_decay = {id(p) for n, p in net.named_parameters() if "bias" in n or "norm" in n.lower()}
@@ -397,6 +546,7 @@ def build_optimizer(net, args):
 def save_checkpoint(args, method, optimizer, scheduler, state):
     out = os.path.join(args.output_dir, "checkpoint")
     tmp, old = out + ".tmp", out + ".old"
+    recover_checkpoint(args.output_dir)  # checkpoint.old alone is the last checkpoint: never delete it
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     method.save_weights(os.path.join(tmp, "adapter.safetensors"))
@@ -406,6 +556,7 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
     torch.save(state, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
+    # the swap: a crash between the two renames leaves checkpoint.old, which recover_checkpoint() puts back
     if os.path.exists(out):
         os.replace(out, old)
     os.replace(tmp, out)
@@ -413,22 +564,41 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
 
 
 def load_checkpoint(args, method):
-    """Load the checkpoint's adapter into `method` (before the optimizer is built on it); return its state."""
+    """Load the checkpoint's adapter into `method` (before the optimizer is built on it); return its
+    state. A damaged or foreign checkpoint: die(), naming the file."""
     ckpt = os.path.join(args.output_dir, "checkpoint")
-    if not os.path.exists(ckpt) and os.path.exists(ckpt + ".old"):  # interrupted mid-swap
-        ckpt += ".old"
-    method.load_weights(os.path.join(ckpt, "adapter.safetensors"))
-    return torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+    files = [os.path.join(ckpt, f) for f in ("state.pt", "adapter.safetensors")]
+    again = f"this run cannot continue: start it again with --output_dir {args.output_dir} --overwrite"
+    for f in files:
+        if not os.path.isfile(f):
+            die(f"--resume {args.output_dir}: {f} is missing; {again}")
+    try:  # tensors and plain containers only (weights_only): a checkpoint never needs more
+        state = torch.load(files[0], weights_only=True)
+    except Exception as e:  # truncated (RuntimeError, EOFError), or not a torch.save() file (UnpicklingError)
+        die(f"--resume {args.output_dir}: {files[0]} is damaged or not a checkpoint of these scripts "
+            f"({type(e).__name__}); {again}")
+    need = {"step", "evals", "optimizer", "scheduler", "rng", "cuda_rng"}
+    if not isinstance(state, dict) or not need <= set(state):
+        die(f"--resume {args.output_dir}: {files[0]} is not a checkpoint of these scripts; {again}")
+    try:
+        method.load_weights(files[1])  # flexlora.load_adapter checks all of the file before changing anything
+    except ValueError as e:
+        die(f"--resume {args.output_dir}: {e}; {again}")
+    return state
 
 
 def restore(state, method, optimizer, scheduler):
     """Put the optimizer, LR scheduler, method and RNG back where the checkpoint left them."""
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    method.load_state_dict(state)
-    torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state)
+        torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # another version's or run's state
+        raise ValueError(f"the checkpoint's state does not fit this run ({type(e).__name__}: "
+                         f"{str(e).strip()[:200]}); was it written by another version of these scripts?") from None
 
 
 # -----------------------------------------------------------------------------
@@ -449,7 +619,10 @@ def predict(net, dataset, collate, args):
         with autocast(args, device):
             logits.append(net(**batch).logits.float().cpu())
     net.train()
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    logits = torch.cat(logits)
+    if not torch.isfinite(logits).all():  # a metric would count them as some class: no score at all
+        raise FloatingPointError("the model's outputs are non-finite")
+    return logits.numpy(), torch.cat(labels).numpy()
 
 
 def bf16(args, device):
@@ -465,11 +638,12 @@ def autocast(args, device):
 # The training loop
 
 
-def train(args, model, train_set, collate, evaluate, targets, trainable, score_key="score"):
+def train(args, model, train_set, collate, evaluate, targets, trainable, score_key="score", source=None):
     """Fine-tune `model` with args.method and write every output of the run to args.output_dir.
 
     train_set: a map-style dataset whose items `collate` turns into a batch dict with "labels";
-    evaluate(net) -> {metric: value}, with `score_key` the one that picks the best evaluation.
+    evaluate(net) -> {metric: value}, with `score_key` the one that picks the best evaluation;
+    source: {"model": ..., "data": ...}, what was really loaded, for metrics.json.
     Returns metrics.json's content, or None when --stop_after ends the run early.
     """
     from transformers import get_linear_schedule_with_warmup
@@ -477,19 +651,31 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     T = args.epochs * steps_per_epoch  # total optimizer steps
-    fit_window(args, T)
-    model.to(device)
-    method, counts = setup_method(model, args, targets, trainable, T)
-    net = method.net
-
-    # resume: the adapter first (new Parameter objects), then the optimizer built on them
-    state = load_checkpoint(args, method) if args.resume else {}
-    optimizer = build_optimizer(net, args)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)
-    if state:
-        restore(state, method, optimizer, scheduler)
-        print(f"resumed at step {state['step']} of {T}")
+    with user_errors():  # flexlora's checks of r, alpha, the window; a checkpoint that does not fit
+        fit_window(args, T)
+        model.to(device)
+        method, counts = setup_method(model, args, targets, trainable, T)
+        net = method.net
+        # resume: the adapter first (new Parameter objects), then the optimizer built on them
+        state = load_checkpoint(args, method) if args.resume else {}
+        optimizer = build_optimizer(net, args)
+        scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)
+        if state:
+            restore(state, method, optimizer, scheduler)
     start, evals, elapsed = state.get("step", 0), state.get("evals", []), state.get("elapsed", 0.0)
+    if args.resume and args.stop_after and args.stop_after <= start:
+        die(f"--stop_after {args.stop_after}: the checkpoint in {args.output_dir} is at step {start} already; "
+            f"pass a later step, or none to finish the run")
+    if args.method == "flexlora":
+        # b(t) rounds to 0 where Δ puts the allocations, or b0 = 0: the run would be LoRA at fixed rank
+        counts["planned_allocations"] = planned = len(allocation_steps(args, T))
+        if planned == 0 and args.b0 > 0:
+            die(f"FlexLoRA's schedule allows no rank allocation in these {T} steps (t_w {args.t_w}, t_f {args.t_f}, "
+                f"Δ {args.delta}, b0 {args.b0}, {args.schedule} b(t)): it would be a fixed-rank run. Lower --delta, "
+                f"raise --b0, train longer, or pass --b0 0 for a fixed-rank run on purpose")
+    start_run(args)  # everything has loaded: only now is an --overwrite'n run cleared
+    if state:
+        print(f"resumed at step {start} of {T}")
     initial_ranks = state.get("initial_ranks") or method.ranks()
     eval_steps = args.eval_every * steps_per_epoch
     ckpt_steps = args.ckpt_every or eval_steps
@@ -505,6 +691,25 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
                                                 collate_fn=collate, num_workers=args.num_workers,
                                                 pin_memory=device.type == "cuda", generator=torch.Generator()))
 
+    # divergence: the first step whose loss or gradient norm is not finite, kept on the device (no
+    # sync per step) and read where the loop syncs anyway: log lines, evaluations, checkpoints
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    last_ckpt = start if args.resume else None  # the step of the checkpoint on disk
+
+    def diverged(what):
+        pbar.close()
+        kept = (f"the last good checkpoint (step {last_ckpt}) is kept in {args.output_dir}/checkpoint"
+                if last_ckpt is not None else "no checkpoint had been written")
+        die(f"training diverged: {what}. Nothing was saved from it; {kept}. Lower --lr or --lr_scale "
+            f"(the peak learning rate is {args.lr * args.lr_scale:g}) and run again", code=1)
+
+    def stop_if_diverged(t, weights=True):
+        if first_bad.item():
+            diverged(f"the loss became non-finite at step {first_bad.item()}")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if weights and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            diverged(f"the trained weights are non-finite at step {t}")
+
     net.train()
     batches, t0, tick = None, time.time(), time.time()
     loss_sum, orth_sum, n_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
@@ -514,6 +719,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         if batches is None or i == 0:
             batches = epoch_loader(epoch, i)
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        t = step + 1  # optimizer steps taken, after this one
 
         # forward, backward, step
         with autocast(args, device):
@@ -522,15 +728,20 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         orth = method.regularizer()  # FlexLoRA's R
         if orth is not None:
             orth_sum += orth.detach()
-            loss = loss + args.gamma * orth  # the paper's loss: task + γ·R
+            loss = loss + gamma_at(args, step + 1) * orth  # the paper's loss: task + γ·R
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]  # current objects
+        finite = torch.isfinite(loss.detach())
         if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+        first_bad.masked_fill_((first_bad == 0) & ~finite, t)  # on the device: no sync
         optimizer.step()
         scheduler.step()
-        t = step + 1  # optimizer steps taken
-        method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
+        try:
+            method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
+        except ValueError:  # flexlora's allocator refuses non-finite λ
+            stop_if_diverged(t)
+            raise
         optimizer.zero_grad(set_to_none=True)
         n_logged += 1
         pbar.update(1)
@@ -543,35 +754,44 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
                 line += f" | orth {orth_sum.item() / n_logged:.4f} | b(t) {method.budget(t)}"
             line += f" | rank {sum(method.ranks().values())} | lr {scheduler.get_last_lr()[0]:.1e}"
             pbar.write(line + f" | {ms:.0f} ms/step")
+            stop_if_diverged(t, weights=False)
             loss_sum.zero_(), orth_sum.zero_()
             n_logged, tick = 0, time.time()
 
+        stop = t == args.stop_after and t < T  # (a stop simulates an interruption)
+        evaluate_now, checkpoint_now = t % eval_steps == 0 or t == T, t % ckpt_steps == 0 or stop
+        if evaluate_now or checkpoint_now:
+            stop_if_diverged(t)  # a diverged model is never evaluated, checkpointed or saved
         # evaluate every eval_every epochs and at the end
-        if t % eval_steps == 0 or t == T:
+        if evaluate_now:
             tic = time.time()
-            metrics = evaluate(net)
+            try:
+                metrics = evaluate(net)
+            except FloatingPointError as e:  # predict(): non-finite logits
+                diverged(f"{e} at step {t}")
             evals.append(dict(step=t, epoch=round(t / steps_per_epoch, 3), **metrics))
             pbar.write(f"eval step {t}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             tick += time.time() - tic  # evaluation does not count as step time
-        # checkpoint (and a stop, to simulate an interruption)
-        stop = t == args.stop_after and t < T
-        if t % ckpt_steps == 0 or stop:
+        # checkpoint
+        if checkpoint_now:
             save_checkpoint(args, method, optimizer, scheduler, dict(
                 step=t, evals=evals, initial_ranks=initial_ranks, elapsed=elapsed + time.time() - t0))
+            last_ckpt = t
         if stop:
             pbar.close()
             print(f"stopped after step {t} (--stop_after); continue with --resume {args.output_dir}")
             return None
     pbar.close()
     elapsed += time.time() - t0
-    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key)
+    run = dict(source or {}, train_examples=len(train_set), **provenance())
+    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, run)
 
 
 # -----------------------------------------------------------------------------
 # Outputs of a run: metrics, rank history, adapter, pictures
 
 
-def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key):
+def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, run=None):
     best = max(evals, key=lambda e: e[score_key])
     final_ranks = method.ranks()
     counts["final_total_rank"] = sum(final_ranks.values())
@@ -582,13 +802,13 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
         h = method.history
         stats = dict(allocations=len(h), expanded=sum(len(r["expanded"]) for r in h),
                      pruned=sum(len(r["pruned"]) for r in h), **churn(h))
-    result = dict(config=vars(args), counts=counts, evals=evals, final=evals[-1], best=best,
+    result = dict(config=vars(args), run=run, counts=counts, evals=evals, final=evals[-1], best=best,
                   allocation_stats=stats, wall_time_s=round(elapsed, 1), train_steps=T, device=str(device))
-    write_json(os.path.join(args.output_dir, "metrics.json"), result)
     write_json(os.path.join(args.output_dir, "rank_history.json"),
                dict(method=args.method, initial=initial_ranks, history=method.history, final=final_ranks))
     method.save(args.output_dir)
     plot_ranks(final_ranks, initial_ranks, method.history, T, args.output_dir, args.method)
+    write_json(os.path.join(args.output_dir, "metrics.json"), result)  # last: a finished run has it
     print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items() if k not in ("step", "epoch")))
     print(f"best (step {best['step']}): {score_key} {best[score_key]:.4f}; {elapsed:.0f} s; "
           f"outputs in {args.output_dir}")
@@ -596,8 +816,32 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # then renamed: a crash never leaves half a file
         json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def provenance():
+    """What ran this: library versions and the git commit of this code (None outside a checkout)."""
+    import platform
+
+    import transformers
+
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    here = os.path.dirname(os.path.abspath(flexlora.__file__))
+    git = lambda *cmd: subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):  # no git
+        commit = dirty = None
+    return dict(versions=dict(python=platform.python_version(), torch=torch.__version__,
+                              transformers=transformers.__version__, peft=peft and peft.__version__,
+                              numpy=np.__version__), git_commit=commit, git_dirty=dirty)
 
 
 def churn(history):

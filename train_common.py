@@ -84,7 +84,8 @@ def add_common_args(parser):
     g.add_argument("--r", type=int, help="initial rank of every adapted matrix (FlexLoRA keeps Σr)")
     g.add_argument("--alpha", type=float, help="scale s = alpha / r, fixed for the whole run")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter input")
-    g.add_argument("--b0", type=int, default=4, help="matrices pruned/expanded at the first allocation")
+    g.add_argument("--b0", type=int, default=4,
+                   help="matrices pruned/expanded at the first allocation (0: none, a fixed-rank run)")
     g.add_argument("--t_w", type=int, help="warm-up steps before the first allocation")
     g.add_argument("--t_f", type=int, help="final steps without allocations")
     g.add_argument("--delta", type=int, help="Δ: steps between allocations")
@@ -146,30 +147,30 @@ def check_args(args):
     def need(flag, ok, what):
         v = getattr(args, flag, None)
         if not ok(v):
-            die(f"--{flag} must be {what}, got {v!r}")
+            die(f"--{flag} {v!r}: must be {what}")
 
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     for flag, lo in (("r", 1), ("b0", 0), ("r_min", 1), ("batch_size", 1), ("epochs", 1), ("seed", 0),
                      ("stop_after", 0), ("eval_every", 1), ("ckpt_every", 0), ("log_every", 1),
-                     ("eval_batch_size", 1), ("num_workers", 0)):
+                     ("eval_batch_size", 1), ("num_workers", 0), ("gamma_warmup", 0), ("holdout", 0)):
         need(flag, lambda v: is_int(v) and v >= lo, f"an integer >= {lo}")
     for flag, lo in (("t_w", 0), ("t_f", 0), ("delta", 1), ("r_max", 1), ("target_r", 1)):  # None: default
         need(flag, lambda v: v is None or is_int(v) and v >= lo, f"an integer >= {lo}")
     for flag in ("alpha", "lr", "lr_scale", "lambda_lr_ratio"):
-        if hasattr(args, flag):
-            need(flag, lambda v: is_num(v) and v > 0, "a finite number > 0")
+        need(flag, lambda v: is_num(v) and v > 0, "a finite number > 0")
     for flag in ("gamma", "weight_decay", "max_grad_norm"):
         need(flag, lambda v: is_num(v) and v >= 0, "a finite number >= 0 (0: off)")
     need("lora_dropout", lambda v: is_num(v) and 0 <= v < 1, "a probability in [0, 1)")
     need("warmup_ratio", lambda v: is_num(v) and 0 <= v <= 1, "a fraction of the training steps, in [0, 1]")
     need("method", lambda v: v in ("flexlora", "lora", "adalora"), "flexlora, lora or adalora")
     need("schedule", lambda v: v in ("cubic", "constant"), "cubic or constant")
+    need("init", lambda v: v in ("gaussian", "orthonormal"), "gaussian or orthonormal")
     # combinations
-    need("r_min", lambda v: v <= args.r, f"<= --r ({args.r}), or no matrix may start at rank r")
-    need("r_max", lambda v: v is None or v >= args.r, f">= --r ({args.r}), or no matrix may start at rank r")
+    need("r_min", lambda v: v <= args.r, f"<= --r ({args.r}), the rank every matrix starts at")
+    need("r_max", lambda v: v is None or v >= args.r, f">= --r ({args.r}), the rank every matrix starts at")
     if args.method == "adalora":
-        need("target_r", lambda v: v is None or v <= args.r, f"<= --r ({args.r}): AdaLoRA only masks rank away")
+        need("target_r", lambda v: v is None or v <= args.r, f"<= --r ({args.r}): AdaLoRA masks rank away")
     if args.target_modules is not None:
         need("target_modules", lambda v: isinstance(v, str) and all(v.split(",")),
              "comma-separated module names, none empty")
@@ -200,11 +201,13 @@ def prepare_output_dir(args, name, check=check_args):
                 config = json.load(f)
         except (OSError, ValueError) as e:  # ValueError: broken JSON or not UTF-8
             config = f"unreadable ({type(e).__name__}: {e})"
-        unknown = sorted(set(config) - set(vars(args))) if isinstance(config, dict) else []
-        if not isinstance(config, dict) or not set(SAVED) <= set(config) or unknown:
-            why = config if isinstance(config, str) else f"settings {unknown[:3]} unknown to this script " \
-                f"(a run of the other one?)" if unknown else "not a run's settings"
-            die(f"--resume {args.resume}: {saved} is {why}; this run cannot continue: start it again "
+        if isinstance(config, dict) and set(config) - set(vars(args)):
+            unknown = sorted(set(config) - set(vars(args)))[:3]
+            config = f"settings {unknown} unknown to this script (a run of the other script?)"
+        elif not isinstance(config, (dict, str)) or isinstance(config, dict) and not set(SAVED) <= set(config):
+            config = "not a run's settings"
+        if isinstance(config, str):  # what is wrong with it
+            die(f"--resume {args.resume}: {saved}: {config}; this run cannot continue: start it again "
                 f"with --output_dir {args.resume} --overwrite")
         print(f"resuming {args.resume} with its saved settings (other flags are ignored)")
         config.update({k: getattr(args, k) for k in RUN_CONTROL})
@@ -251,6 +254,7 @@ def hub_unreachable():
 
 @functools.lru_cache(maxsize=None)  # once per process
 def _probe(endpoint):
+    import ssl
     import urllib.error
     import urllib.request
 
@@ -259,7 +263,9 @@ def _probe(endpoint):
     except urllib.error.HTTPError:
         pass  # it answered
     except (OSError, ValueError) as e:  # no network, no DNS, refused, timed out
-        return f"{endpoint} cannot be reached ({getattr(e, 'reason', e)})"
+        reason = getattr(e, "reason", e)
+        if not isinstance(reason, ssl.SSLError):  # (a TLS problem: it answered; the Hub client decides)
+            return f"{endpoint} cannot be reached ({reason})"
     return None
 
 
@@ -288,9 +294,10 @@ def from_pretrained(cls, name, flag="--model", **kwargs):
         return cls.from_pretrained(name, **kwargs)
     except Exception as e:  # OSError (missing files), ValueError (e.g. a ViT given to a text script), ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "local folder" if os.path.exists(name) else "Hugging Face Hub model"
-        die(f"{flag} {name}: {cls.__name__} could not load this {where} ({first}). Offline? Pass {flag} "
-            f"PATH to a local checkpoint, or --smoke for the built-in tiny model")
+        if os.path.exists(name):
+            die(f"{flag} {name}: {cls.__name__} could not load this local folder ({first})")
+        die(f"{flag} {name}: could not load this Hugging Face Hub model ({first}). Pass {flag} PATH to a local "
+            f"checkpoint, or --smoke for the built-in tiny model")
 
 
 def fit_window(args, total_steps):
@@ -316,6 +323,23 @@ def allocation_steps(args, total_steps):
             if flexlora.budget(t, args.b0, args.t_w, args.t_f, total_steps, args.schedule) > 0]
 
 
+def fit_delta(args, total_steps):
+    """FlexLoRA in a short run: the cubic b(t) rounds to 0 late in the window, so a large Δ may leave no
+    allocation that moves rank. Then lower Δ to the largest that leaves one; if none does, die():
+    the run would silently be LoRA at a fixed rank (--b0 0 asks for that on purpose)."""
+    if args.b0 == 0 or allocation_steps(args, total_steps):
+        return
+    for delta in range(args.delta - 1, 0, -1):
+        if allocation_steps(argparse.Namespace(**{**vars(args), "delta": delta}), total_steps):
+            print(f"note: with Δ {args.delta}, b(t) is 0 at every allocation step of these {total_steps} steps; "
+                  f"Δ lowered to {delta}")
+            args.delta = delta
+            return
+    die(f"FlexLoRA's schedule allows no rank allocation in these {total_steps} steps (t_w {args.t_w}, "
+        f"t_f {args.t_f}, b0 {args.b0}, {args.schedule} b(t)): it would be a fixed-rank run. Raise --b0, "
+        f"lower --t_w or --t_f, train longer, or pass --b0 0 for a fixed-rank run on purpose")
+
+
 # -----------------------------------------------------------------------------
 # Methods: FlexLoRA, or LoRA / AdaLoRA from PEFT at the same trainable-parameter count. Each is
 # an object the loop drives the same way: net (what it calls), regularizer() (R, or None),
@@ -331,7 +355,7 @@ def find_targets(model, candidates, override=None):
     if override:
         missing = [t for t in override.split(",") if not any(flexlora.matches(n, t) for n in names)]
         if missing:
-            raise ValueError(f"--target_modules: {', '.join(missing)} match no Linear layer of this model; "
+            raise ValueError(f"--target_modules: no Linear layer of this model matches {', '.join(missing)}; "
                              f"its Linear layers are {known}")
         return override.split(",")
     for targets in candidates:
@@ -347,7 +371,7 @@ def hold_out(train_set, args):
     if not args.holdout:
         return train_set, None
     if not 0 < args.holdout < len(train_set):
-        raise SystemExit(f"error: --holdout {args.holdout}: give fewer examples than the {len(train_set)} of training")
+        die(f"--holdout {args.holdout}: give fewer examples than the {len(train_set)} of training")
     order = np.random.default_rng(0).permutation(len(train_set)).tolist()
     return [train_set[i] for i in order[args.holdout:]], [train_set[i] for i in order[:args.holdout]]
 
@@ -653,6 +677,8 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     T = args.epochs * steps_per_epoch  # total optimizer steps
     with user_errors():  # flexlora's checks of r, alpha, the window; a checkpoint that does not fit
         fit_window(args, T)
+        if args.method == "flexlora":
+            fit_delta(args, T)
         model.to(device)
         method, counts = setup_method(model, args, targets, trainable, T)
         net = method.net
@@ -667,12 +693,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         die(f"--stop_after {args.stop_after}: the checkpoint in {args.output_dir} is at step {start} already; "
             f"pass a later step, or none to finish the run")
     if args.method == "flexlora":
-        # b(t) rounds to 0 where Δ puts the allocations, or b0 = 0: the run would be LoRA at fixed rank
-        counts["planned_allocations"] = planned = len(allocation_steps(args, T))
-        if planned == 0 and args.b0 > 0:
-            die(f"FlexLoRA's schedule allows no rank allocation in these {T} steps (t_w {args.t_w}, t_f {args.t_f}, "
-                f"Δ {args.delta}, b0 {args.b0}, {args.schedule} b(t)): it would be a fixed-rank run. Lower --delta, "
-                f"raise --b0, train longer, or pass --b0 0 for a fixed-rank run on purpose")
+        counts["planned_allocations"] = len(allocation_steps(args, T))  # 0 only with --b0 0 (fit_delta)
     start_run(args)  # everything has loaded: only now is an --overwrite'n run cleared
     if state:
         print(f"resumed at step {start} of {T}")

@@ -99,11 +99,13 @@ def test_wrong_kind_of_model_or_data(tmp_path, capsys):
     with open(tmp_path / "cut.npz", "wb") as f:  # a truncated archive
         f.write(open(write_npz(tmp_path / "d.npz"), "rb").read()[:300])
     assert "cut.npz" in user_error(train_vit.main, VIT_TINY + ["--data", str(tmp_path / "cut.npz")], capsys)
-    np.savez(tmp_path / "obj.npz", x_train=np.array([None]), y_train=np.zeros(1), x_test=np.zeros(1), y_test=np.zeros(1))
+    np.savez(tmp_path / "obj.npz", x_train=np.array([None]), y_train=np.zeros(1), x_test=np.zeros(1),
+             y_test=np.zeros(1))
     assert "object arrays" in user_error(train_vit.main, VIT_TINY + ["--data", str(tmp_path / "obj.npz")], capsys)
     # an output directory that is a file
     (tmp_path / "f").write_text("")
-    assert "is a file" in user_error(train_glue.main, GLUE_TINY + ["--output_dir", str(tmp_path / "f")], capsys)
+    for out in (tmp_path / "f", tmp_path / "f" / "run"):
+        assert "is a file" in user_error(train_glue.main, GLUE_TINY + ["--output_dir", str(out)], capsys)
 
 
 def test_offline_hub_fails_fast(tmp_path, capsys, monkeypatch):
@@ -190,6 +192,11 @@ def test_resume_from_damaged_checkpoints(tmp_path, capsys):
     assert ckpt(d, "args.json") in msg and "unreadable" in msg
     for name, data in (("f", b"[1, 2]"), ("g", b'{"method": "flexlora"}')):
         assert "not a run's settings" in damaged(name, "args.json", data)[0]
+    lora = str(tmp_path / "lora")  # PEFT's adapter in the checkpoint, truncated
+    train_glue.main(GLUE_TINY + ["--method", "lora", "--output_dir", lora, "--stop_after", "3"])
+    with open(ckpt(lora, "adapter.safetensors"), "r+b") as fh:
+        fh.truncate(100)
+    assert ckpt(lora, "adapter.safetensors") in user_error(train_glue.main, ["--resume", lora], capsys)
     # a GLUE run resumed by the ViT script
     assert "unknown to this script" in user_error(train_vit.main, ["--resume", part], capsys)
     assert "no such directory" in user_error(train_glue.main, ["--resume", str(tmp_path / "nope")], capsys)

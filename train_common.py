@@ -218,8 +218,11 @@ def prepare_output_dir(args, name, check=check_args):
     check(args)
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{name}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        die(f"--output_dir {args.output_dir} is a file, not a directory")
+    parent = os.path.abspath(args.output_dir)
+    while not os.path.exists(parent):  # the folder, or the nearest one above it that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        die(f"--output_dir {args.output_dir}: {parent} is {'not writable' if os.path.isdir(parent) else 'a file'}")
     held = [f for f in RUN_FILES if os.path.lexists(os.path.join(args.output_dir, f))]
     if held and not args.overwrite:
         die(f"--output_dir {args.output_dir} already holds a run ({', '.join(held)}): pass --overwrite "
@@ -247,7 +250,8 @@ def start_run(args):
 def hub_unreachable():
     """None if the Hugging Face Hub answers within 5 s, else why not. (The Hub client would retry 5
     times, 23-46 s, before failing; with HF_HUB_OFFLINE=1 the libraries read their cache alone.)"""
-    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    offline = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in offline):
         return None  # the libraries fail at once themselves if the cache lacks it
     return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
 
@@ -517,9 +521,12 @@ class Peft:
             tensors = load_file(path)
         except Exception as e:  # SafetensorError: truncated or not a safetensors file
             raise ValueError(f"{path} cannot be loaded ({str(e).strip()[:200]})") from None
-        missing, unexpected = self.net.load_state_dict(tensors, strict=False)
-        if unexpected:
-            raise ValueError(f"{path} does not fit this model: {unexpected[:3]}")
+        params = dict(self.net.named_parameters())
+        unexpected = sorted(set(tensors) - set(params))
+        wrong = [n for n, v in tensors.items() if n in params and v.shape != params[n].shape]
+        if unexpected or wrong:  # checked before anything is copied
+            raise ValueError(f"{path} does not fit this model: {(unexpected + wrong)[:3]}")
+        self.net.load_state_dict(tensors, strict=False)
 
     def save(self, out_dir):
         self.saved.save_pretrained(os.path.join(out_dir, "adapter"))  # PEFT's adapter format

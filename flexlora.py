@@ -126,6 +126,27 @@ def rank_pattern(model: nn.Module) -> dict:
     return {name: layer.r for name, layer in adapters(model).items()}
 
 
+def param_groups(model: nn.Module, lr: float, lambda_lr_ratio: float = 1.0) -> list:
+    """Optimizer groups for the trainable parameters: every λ at lambda_lr_ratio · lr, the rest
+    at lr, e.g. torch.optim.AdamW(param_groups(model, 1e-3, lambda_lr_ratio=16)).
+
+    Deviation (ours; the paper trains λ at the same rate as P and Q): under Adam each parameter
+    moves by about lr per step, whatever its gradient. LoRA's ΔW = s·B·A grows through the
+    d_out·r entries of B; here P and Q stay near orthonormal and ΔW's size sits in the r values
+    of λ, so at one lr ΔW grows ~√d_out times more slowly (bench/dynamics.py measures it).
+    An allocation swaps a resized λ into its predecessor's group, so the ratio stays.
+    """
+    for name, v in (("lr", lr), ("lambda_lr_ratio", lambda_lr_ratio)):
+        _need(isinstance(v, numbers.Real) and 0 < v < math.inf, f"{name} must be a finite number > 0, got {v!r}")
+    lams = {id(m.Lambda) for m in adapters(model).values()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if lambda_lr_ratio == 1:  # the paper: one group
+        return [{"params": trainable, "lr": lr}]
+    groups = [{"params": [p for p in trainable if id(p) not in lams], "lr": lr},
+              {"params": [p for p in trainable if id(p) in lams], "lr": lr * lambda_lr_ratio}]
+    return [g for g in groups if g["params"]]
+
+
 def _injected(model: nn.Module) -> dict:  # adapters(model), of which there must be some
     layers = adapters(model)
     _need(layers, "the model has no FlexLoRA adapters: call flexlora.inject() first")

@@ -1,6 +1,6 @@
 """Tests of the training scripts under torchrun: 2 processes on CPU (gloo), tiny smoke runs.
 
-Run: python -m pytest -q test_ddp.py   (about a minute on 2 CPU cores)
+Run: python -m pytest -q test_ddp.py   (under a minute and a half on 2 CPU cores)
 """
 
 import json
@@ -20,11 +20,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--smoke", "--max_train_samples", "113", "--max_eval_samples", "32", "--epochs", "2", "--t_w", "3",
         "--t_f", "5", "--delta", "1", "--schedule", "constant", "--log_every", "8"]
 METHODS = ("flexlora", "adalora")  # AdaLoRA: its masks follow the (all-reduced) gradients
+HOLDOUT = ["--max_train_samples", "129", "--holdout", "16"]  # the same 113 to train on, 16 scored apart
 
 # train_glue.py ROOT [flags], once per method into ROOT/<method>, with the smoke model's dropout off
 # (one process cannot draw the masks that two draw). After each run, on every rank: its trainable
-# weights in rank<R>.safetensors; and for FlexLoRA, check_replicas() with rank 1's weights nudged
-# by 1e-7, its error in nudged<R>.txt
+# weights in rank<R>.safetensors; and for FlexLoRA, check_replicas() with one of rank 1's weights
+# nudged by one float step, its error in nudged<R>.txt
 LAUNCHER = """
 import sys, types
 import torch
@@ -48,7 +49,8 @@ def train_and_check(args, model, *rest, **kw):
     if args.method == "flexlora":
         if rank == 1:
             with torch.no_grad():
-                next(iter(flexlora.adapters(model).values())).Lambda[0] += 1e-7
+                lam = next(iter(flexlora.adapters(model).values())).Lambda
+                lam[0] = torch.nextafter(lam[0], lam[0] + 1)  # (+1e-7 rounds to nothing once |λ| > 1.7)
         try:
             replica = types.SimpleNamespace(net=model, ranks=lambda: flexlora.rank_pattern(model))
             train_common.check_replicas(replica, "after a nudge")
@@ -70,13 +72,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def torchrun(script, args, nproc=2):
+def torchrun(script, args, nproc=2, ok=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            script] + args
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout if ok else proc.stderr
 
 
 def read(run_dir, name):
@@ -120,7 +122,7 @@ def assert_same_run(a, b, atol, rtol):
 def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, monkeypatch):
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
-    stdout = torchrun(str(launcher), [str(tmp_path / "two")] + TINY)
+    stdout = torchrun(str(launcher), [str(tmp_path / "two")] + TINY + HOLDOUT)
     assert "2 processes, 8 examples each" in stdout
     make = train_glue.smoke_model
     monkeypatch.setattr(train_glue, "smoke_model", lambda *a: no_dropout(make(*a)))
@@ -131,9 +133,10 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, monkeypatc
         assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
         # one process, the whole batch: float rounding differs (each process pads and sums its own
         # part of the batch), ~1e-7 after 16 Adam steps
-        train_glue.main(TINY + ["--method", method, "--output_dir", one])
-        assert_same_run(one, two, atol=1e-6, rtol=1e-5)
-    # the built-in check stops every process when the replicas differ by as little as 1e-7
+        train_glue.main(TINY + HOLDOUT + ["--method", method, "--output_dir", one])
+        assert_same_run(one, two, atol=1e-6, rtol=1e-5)  # the holdout split too: seeded alike on every rank
+        assert "holdout_mcc" in read(two, "metrics.json")["final"]
+    # the built-in check stops every process when the replicas differ by as little as one float step
     for rank in (0, 1):
         assert "adapters differ after a nudge" in (tmp_path / "two" / "flexlora" / f"nudged{rank}.txt").read_text()
     # rank 0 wrote the outputs, the PEFT adapter among them
@@ -151,3 +154,54 @@ def test_resume_under_torchrun(tmp_path):
     assert len(state["rank_rng"]) == 2 and not torch.equal(state["rank_rng"][0][0], state["rank_rng"][1][0])
     torchrun(script, ["--resume", part])
     assert_same_run(full, part, atol=1e-5, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Errors under torchrun: every process stops, rank 0 alone says why, and none waits for ever
+
+
+# rank 1's loss turns infinite at its 5th step; its gradients (and so every rank's weights) stay finite
+DIVERGE = """
+import sys
+import train_common, train_glue
+
+make = train_glue.smoke_model
+
+def smoke_model(*a):
+    model, steps = make(*a), []
+    forward = model.forward
+    def forward_inf(**batch):
+        out = forward(**batch)
+        if model.training and train_common.RANK == 1:
+            steps.append(1)
+            if len(steps) == 5:
+                out.loss = out.loss + float("inf")
+        return out
+    model.forward = forward_inf
+    return model
+
+train_glue.smoke_model = smoke_model
+train_glue.main(sys.argv[1:])
+"""
+
+
+def test_a_non_finite_loss_on_one_process_stops_them_all(tmp_path):
+    launcher, out = tmp_path / "diverge.py", str(tmp_path / "run")
+    launcher.write_text(DIVERGE)
+    err = torchrun(str(launcher), TINY + ["--output_dir", out, "--ckpt_every", "1"], ok=False)
+    # rank 0, whose own loss stayed finite, stopped at rank 1's step and said so, once
+    assert err.count("error: training diverged: the loss became non-finite at step 5.") == 1, err[-3000:]
+    assert "(step 4) is kept" in err
+    assert torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=True)["step"] == 4
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+
+
+def test_a_user_error_is_one_line_from_rank_0(tmp_path):
+    script, out = os.path.join(HERE, "train_glue.py"), tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # another run's
+    err = torchrun(script, TINY + ["--output_dir", str(out)], ok=False)
+    assert err.count("error: ") == 1 and "already holds a run" in err, err[-3000:]
+    err = torchrun(script, TINY + ["--output_dir", str(tmp_path / "new"), "--batch_size", "1"], ok=False)
+    assert err.count("error: ") == 1 and "--batch_size 1 is the global batch" in err, err[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(out) == ["metrics.json"]  # untouched

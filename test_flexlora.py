@@ -326,6 +326,35 @@ def test_total_rank_is_conserved_over_hundreds_of_allocations():
     assert len(alloc.history) == 400 and sum(h["k"] for h in alloc.history) > 400
 
 
+def test_lambda_keeps_its_learning_rate_over_hundreds_of_resizes():
+    torch.manual_seed(0)
+    model = matrices(n=5, d=8, r=3)
+    opt = torch.optim.AdamW(fl.param_groups(model, lr=1e-3, lambda_lr_ratio=16))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / 1000)  # both groups decay alike
+    alloc = allocator(model, b0=2)
+    for t in range(1, 301):
+        loss = sum(m.delta_weight().square().sum() for m in fl.adapters(model).values()) \
+            + sum(m.Lambda.sum() for m in fl.adapters(model).values())  # a gradient for every λ
+        loss.backward()
+        opt.step()
+        sched.step()
+        assert alloc.step(t, opt)["k"] > 0
+        opt.zero_grad()
+    others, lams = opt.param_groups
+    assert lams["lr"] == pytest.approx(16 * others["lr"]) and others["lr"] == pytest.approx(1e-3 * 0.7)
+    ids = lambda ps: {id(p) for p in ps}
+    assert ids(lams["params"]) == ids(m.Lambda for m in fl.adapters(model).values())  # every λ, the new ones too
+    assert ids(others["params"]) == ids(p for m in fl.adapters(model).values() for p in (m.P, m.Q))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert fl.param_groups(model, lr=1e-3) == [{"params": trainable, "lr": 1e-3}]  # the paper: one group
+
+
+@pytest.mark.parametrize("kw", [dict(lr=0), dict(lr=float("nan")), dict(lr=1e-3, lambda_lr_ratio=-1)])
+def test_param_groups_validates(kw):
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        fl.param_groups(matrices(), **kw)
+
+
 @pytest.mark.parametrize("ts", [(10, 5), (5, 5), (5, 5, 5)])
 def test_t_must_move_forward(ts):
     # step(10) then step(5), or step(5) again, used to allocate each time

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import shutil
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -124,7 +125,8 @@ def test_resume_gives_the_same_run(tmp_path):
     train_glue.main(GLUE_TINY + ["--output_dir", full])
     assert train_glue.main(GLUE_TINY + ["--output_dir", part, "--stop_after", "9"]) is None
     assert os.path.exists(os.path.join(part, "checkpoint")) and not os.path.exists(os.path.join(part, "metrics.json"))
-    train_glue.main(["--resume", part])
+    train_glue.main(["--resume", part, "--save_merged"])  # (--save_merged may be added on resume)
+    assert os.path.isfile(os.path.join(part, "merged", "config.json"))
     a, b = read(full, "rank_history.json"), read(part, "rank_history.json")
     assert a["final"] == b["final"] and a["history"] == b["history"]  # same allocations, same ranks
     ma, mb = read(full, "metrics.json"), read(part, "metrics.json")
@@ -142,8 +144,9 @@ def test_resume_adalora(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     args = GLUE_TINY + ["--method", "adalora"]
     train_glue.main(args + ["--output_dir", full, "--save_merged"])
-    train_glue.main(args + ["--output_dir", part, "--stop_after", "7"])
-    train_glue.main(["--resume", part])
+    train_glue.main(args + ["--output_dir", part, "--stop_after", "7", "--save_merged"])
+    train_glue.main(["--resume", part])  # (keeps the saved --save_merged)
+    assert os.path.isfile(os.path.join(part, "merged", "config.json"))
     a, b = read(full, "rank_history.json"), read(part, "rank_history.json")
     assert a["history"] and a["final"] == b["final"]
     assert sum(a["final"].values()) < sum(a["initial"].values())  # AdaLoRA masked down to target_r
@@ -173,7 +176,8 @@ def test_resume_adalora(tmp_path):
 
 def method_args(method, r=4):
     return argparse.Namespace(method=method, r=r, alpha=8.0, lora_dropout=0.0, b0=2, t_w=2, t_f=4, delta=1,
-                              r_min=1, r_max=None, seed=0, schedule="cubic", gamma=0.05, target_r=None)
+                              r_min=1, r_max=None, seed=0, schedule="cubic", gamma=0.05, target_r=None,
+                              init="gaussian")
 
 
 @pytest.mark.parametrize("r", [4, 12])
@@ -376,12 +380,12 @@ def test_image_errors(tmp_path):
     with pytest.raises(ValueError, match="lacks the arrays"):
         np.savez(tmp_path / "c.npz", x=np.zeros(3))
         train_vit.load_npz(str(tmp_path / "c.npz"))
-    base = VIT_TINY + ["--output_dir", str(tmp_path / "run"), "--overwrite"]
-    with pytest.raises(ValueError, match="test labels go up to 7"):
+    base = VIT_TINY + ["--output_dir", str(tmp_path / "run"), "--overwrite"]  # the script: one line, exit 2
+    with pytest.raises(SystemExit, match="test labels go up to 7"):
         train_vit.main(base + ["--data", write_npz(tmp_path / "d.npz", y_test=np.full(12, 7))])
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(SystemExit, match=">= 0"):
         train_vit.main(base + ["--data", write_npz(tmp_path / "e.npz", y_train=np.arange(24) % 3 - 1)])
-    with pytest.raises(ValueError, match="one integer label per image"):
+    with pytest.raises(SystemExit, match="one integer label per image"):
         train_vit.main(base + ["--data", write_npz(tmp_path / "f.npz", y_train=np.zeros(5, int))])
 
 
@@ -451,3 +455,48 @@ def test_lr_scale_multiplies_the_tasks_learning_rate():
     assert scaled.param_groups[0]["lr"] == pytest.approx(3 * 1.2e-3)
     given = common.build_optimizer(net, train_glue.get_args(["--task", "rte", "--lr", "1e-4", "--lr_scale", "2"]))
     assert given.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_lambda_trains_at_its_ratio_of_the_learning_rate():
+    def optimizer(*flags):
+        net = torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(4, 4), norm=torch.nn.LayerNorm(4),
+                                              head=torch.nn.Linear(4, 2)))
+        flexlora.inject(net, ["fc"], r=2, alpha=4, trainable=["norm", "head"])
+        args = train_glue.get_args(["--task", "rte", "--weight_decay", "0.1", *flags])
+        groups = common.build_optimizer(net, args).param_groups
+        lam = net.fc.Lambda
+        return {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}, \
+            [g["lr"] for g in groups if any(p is lam for p in g["params"])]
+    groups, lam_lr = optimizer()  # the default: λ at LAMBDA_LR_RATIO × RTE's 1.2e-3
+    assert lam_lr == [pytest.approx(common.LAMBDA_LR_RATIO * 1.2e-3)]
+    # P, Q and the head's weight decay; its bias and the norm's two parameters do not; λ on its own
+    assert groups == {(1.2e-3, 0.1): 3, (1.2e-3, 0.0): 3, (common.LAMBDA_LR_RATIO * 1.2e-3, 0.1): 1}
+    groups, lam_lr = optimizer("--lambda_lr_ratio", "1")  # the paper: one learning rate
+    assert lam_lr == [pytest.approx(1.2e-3)] and groups == {(1.2e-3, 0.1): 4, (1.2e-3, 0.0): 3}
+
+
+def test_holdout_is_kept_out_of_training_and_scored(tmp_path):
+    out = str(tmp_path / "glue")
+    metrics = train_glue.main(GLUE_TINY + ["--holdout", "32", "--output_dir", out])
+    final = metrics["final"]
+    assert {"mcc", "score", "holdout_mcc"} <= set(final) and final["score"] == final["mcc"]  # dev alone
+    assert metrics["train_steps"] == 2 * 6  # 128 - 32 = 96 examples: 6 batches of 16 per epoch
+    vit = train_vit.main(VIT_TINY + ["--holdout", "8", "--output_dir", str(tmp_path / "vit")])
+    assert {"accuracy", "holdout_accuracy"} <= set(vit["final"])
+    train_set, held = common.hold_out(list(range(10)), argparse.Namespace(holdout=3))
+    assert sorted(train_set + held) == list(range(10)) and len(held) == 3
+    assert common.hold_out(list(range(10)), argparse.Namespace(holdout=3))[1] == held  # whatever the seed
+
+
+def test_orthonormal_init_and_gamma_warmup(tmp_path):
+    args = train_glue.get_args(["--smoke", "--init", "orthonormal"])
+    model = train_glue.smoke_model("cola", 40)
+    method = common.FlexLoRA(model, args, ["query_proj", "value_proj"], ["classifier"], total_steps=100)
+    for m in flexlora.adapters(model).values():
+        eye = torch.eye(m.r)
+        assert torch.allclose(m.P.T @ m.P, eye, atol=1e-5) and torch.allclose(m.Q @ m.Q.T, eye, atol=1e-5)
+    assert float(method.regularizer()) < 1e-4 and not any(m.Lambda.any() for m in flexlora.adapters(model).values())
+    # γ ramps up: with --gamma_warmup the first steps see less of R, so P and Q move less towards it
+    ramp = train_glue.main(GLUE_TINY + ["--gamma_warmup", "1000", "--gamma", "50", "--output_dir", str(tmp_path / "a")])
+    full = train_glue.main(GLUE_TINY + ["--gamma", "50", "--output_dir", str(tmp_path / "b")])
+    assert ramp["evals"] != full["evals"] or ramp["final"] != full["final"]

@@ -11,19 +11,25 @@ A run directory (--output_dir) ends up holding:
     ranks.png            final rank per layer x module type
     rank_history.png     total rank per module type over training
     checkpoint/          everything --resume needs (adapter, optimizer, LR scheduler, allocator, RNG)
+
+A mistake in the command line or in the files it names ends the run before it touches
+--output_dir, with one line `error: ...` on stderr and exit code 2, as argparse does (die).
+A run whose loss turns non-finite stops with exit code 1, keeping its last good checkpoint.
 """
 
 import argparse
 import atexit
 import copy
+import functools
 import json
 import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -35,11 +41,45 @@ import flexlora
 import flexlora_hf
 
 # -----------------------------------------------------------------------------
+# User errors: one line and exit code 2, never a stack trace
+
+
+class UserError(SystemExit):
+    """SystemExit with code 2 (argparse's, for a usage error) whose str() is the message."""
+
+    def __init__(self, msg, code=2):
+        super().__init__(code)
+        self.msg = msg
+
+    def __str__(self):
+        return self.msg
+
+
+def die(msg, code=2):
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops, rank 0 alone says why
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise UserError(msg, code)
+
+
+@contextmanager
+def user_errors():
+    # the ValueErrors of flexlora.py and of the data readers name the bad input and say what to do
+    try:
+        yield
+    except ValueError as e:
+        die(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+# -----------------------------------------------------------------------------
 # Flags shared by both scripts (each script adds its # data and # model groups and its defaults)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass  # --help: the docstring as written, and every flag's default
+
+
+# FlexLoRA's λ trains at this multiple of the learning rate (flexlora.param_groups; bench/README.md)
+LAMBDA_LR_RATIO = 16.0
 
 
 def add_common_args(parser):
@@ -51,7 +91,8 @@ def add_common_args(parser):
     g.add_argument("--r", type=int, help="initial rank of every adapted matrix (FlexLoRA keeps Σr)")
     g.add_argument("--alpha", type=float, help="scale s = alpha / r, fixed for the whole run")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter input")
-    g.add_argument("--b0", type=int, default=4, help="matrices pruned/expanded at the first allocation")
+    g.add_argument("--b0", type=int, default=4,
+                   help="matrices pruned/expanded at the first allocation (0: none, a fixed-rank run)")
     g.add_argument("--t_w", type=int, help="warm-up steps before the first allocation")
     g.add_argument("--t_f", type=int, help="final steps without allocations")
     g.add_argument("--delta", type=int, help="Δ: steps between allocations")
@@ -65,6 +106,11 @@ def add_common_args(parser):
     # optimizer
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
+    g.add_argument("--gamma_warmup", type=int, default=0, help="steps over which γ ramps up from 0 (0: none)")
+    g.add_argument("--init", default="gaussian", choices=["gaussian", "orthonormal"],
+                   help="P and Q at start: N(0, 0.02²) entries (the paper), or orthonormal")
+    g.add_argument("--lambda_lr_ratio", type=float, default=LAMBDA_LR_RATIO,
+                   help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups)")
     g.add_argument("--lr_scale", type=float, default=1.0,
                    help="multiplies the peak learning rate (--lr or the task's default)")
     g.add_argument("--weight_decay", type=float, help="AdamW decay (not on biases and norms)")
@@ -80,6 +126,9 @@ def add_common_args(parser):
     g.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR, with its settings")
     g.add_argument("--stop_after", type=int, default=0,
                    help="stop after this many steps, leaving a checkpoint (simulates an interruption)")
+    g.add_argument("--holdout", type=int, default=0,
+                   help="keep this many training examples out of training and score them at each evaluation "
+                        "(holdout_* metrics): choose hyperparameters on them, never on dev")
     g.add_argument("--eval_every", type=int, default=1, help="epochs between evaluations (and at the end)")
     g.add_argument("--ckpt_every", type=int, default=0, help="steps between checkpoints (0: at each eval)")
     g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
@@ -93,47 +142,176 @@ def add_common_args(parser):
 
 # these may differ when a run is resumed; everything else comes from the saved run
 RUN_CONTROL = ("resume", "stop_after", "num_workers", "overwrite")
+# every file and folder a run writes in --output_dir: --overwrite removes these and nothing else
+RUN_FILES = ("metrics.json", "rank_history.json", "adapter.safetensors", "adapter", "peft_adapter", "merged",
+             "ranks.png", "rank_history.png", "checkpoint", "checkpoint.old", "checkpoint.tmp",
+             "metrics.json.tmp", "rank_history.json.tmp")
+# the settings a run's checkpoint/args.json must hold (a run saved before a flag existed lacks it)
+SAVED = ("method", "r", "lr", "epochs", "batch_size", "seed")
 
 
-def prepare_output_dir(args, name):
-    """Pick the run directory; refuse to touch a finished or running one unless asked to."""
+def check_args(args):
+    """Every shared flag in range, before anything is loaded or written: die() on the first bad one.
+    (Values may come from a saved args.json: types are checked too.)"""
+    def need(flag, ok, what):
+        v = getattr(args, flag, None)
+        if not ok(v):
+            die(f"--{flag} {v!r}: must be {what}")
+
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    for flag, lo in (("r", 1), ("b0", 0), ("r_min", 1), ("batch_size", 1), ("epochs", 1), ("seed", 0),
+                     ("stop_after", 0), ("eval_every", 1), ("ckpt_every", 0), ("log_every", 1),
+                     ("eval_batch_size", 1), ("num_workers", 0), ("gamma_warmup", 0), ("holdout", 0)):
+        need(flag, lambda v: is_int(v) and v >= lo, f"an integer >= {lo}")
+    for flag, lo in (("t_w", 0), ("t_f", 0), ("delta", 1), ("r_max", 1), ("target_r", 1)):  # None: default
+        need(flag, lambda v: v is None or is_int(v) and v >= lo, f"an integer >= {lo}")
+    for flag in ("alpha", "lr", "lr_scale", "lambda_lr_ratio"):
+        need(flag, lambda v: is_num(v) and v > 0, "a finite number > 0")
+    for flag in ("gamma", "weight_decay", "max_grad_norm"):
+        need(flag, lambda v: is_num(v) and v >= 0, "a finite number >= 0 (0: off)")
+    need("lora_dropout", lambda v: is_num(v) and 0 <= v < 1, "a probability in [0, 1)")
+    need("warmup_ratio", lambda v: is_num(v) and 0 <= v <= 1, "a fraction of the training steps, in [0, 1]")
+    need("method", lambda v: v in ("flexlora", "lora", "adalora"), "flexlora, lora or adalora")
+    need("schedule", lambda v: v in ("cubic", "constant"), "cubic or constant")
+    need("init", lambda v: v in ("gaussian", "orthonormal"), "gaussian or orthonormal")
+    # combinations
+    need("r_min", lambda v: v <= args.r, f"<= --r ({args.r}), the rank every matrix starts at")
+    need("r_max", lambda v: v is None or v >= args.r, f">= --r ({args.r}), the rank every matrix starts at")
+    if args.method == "adalora":
+        need("target_r", lambda v: v is None or v <= args.r, f"<= --r ({args.r}): AdaLoRA masks rank away")
+    if args.target_modules is not None:
+        need("target_modules", lambda v: isinstance(v, str) and all(v.split(",")),
+             "comma-separated module names, none empty")
+
+
+def recover_checkpoint(out_dir):
+    """save_checkpoint swaps with two renames: a crash between them leaves checkpoint.old, the last
+    complete checkpoint, and no checkpoint/. Put it back (never delete it)."""
+    ckpt = os.path.join(out_dir, "checkpoint")
+    if not os.path.exists(ckpt) and os.path.isdir(ckpt + ".old"):
+        os.replace(ckpt + ".old", ckpt)
+        print(f"note: recovered {ckpt} from {ckpt}.old (a run stopped while saving its checkpoint)")
+
+
+def prepare_output_dir(args, name, check=check_args):
+    """Pick the run directory (--resume: and the run's own settings), check the arguments with
+    check(args), and refuse to go near another run unless asked to. Deletes nothing: start_run()
+    clears an --overwrite'n run once the new one has loaded without an error."""
     if args.resume:
+        if not os.path.isdir(args.resume):
+            die(f"--resume {args.resume}: no such directory")
+        recover_checkpoint(args.resume)
         saved = os.path.join(args.resume, "checkpoint", "args.json")
         if not os.path.exists(saved):
-            raise SystemExit(f"error: --resume {args.resume}: no checkpoint there ({saved} is missing)")
-        with open(saved) as f:
-            config = json.load(f)
+            die(f"--resume {args.resume}: no checkpoint there ({saved} is missing)")
+        try:
+            with open(saved) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: broken JSON or not UTF-8
+            config = f"unreadable ({type(e).__name__}: {e})"
+        if isinstance(config, dict) and set(config) - set(vars(args)):
+            unknown = sorted(set(config) - set(vars(args)))[:3]
+            config = f"settings {unknown} unknown to this script (a run of the other script?)"
+        elif not isinstance(config, (dict, str)) or isinstance(config, dict) and not set(SAVED) <= set(config):
+            config = "not a run's settings"
+        if isinstance(config, str):  # what is wrong with it
+            die(f"--resume {args.resume}: {saved}: {config}; this run cannot continue: start it again "
+                f"with --output_dir {args.resume} --overwrite")
         print(f"resuming {args.resume} with its saved settings (other flags are ignored)")
         config.update({k: getattr(args, k) for k in RUN_CONTROL})
+        config["save_merged"] = config.get("save_merged") or args.save_merged  # may be added on resume
         config["output_dir"] = args.resume
         vars(args).update(config)
+        check(args)
         return args
+    check(args)
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{name}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    held = [f for f in ("metrics.json", "checkpoint", "adapter.safetensors", "adapter", "peft_adapter", "merged")
-            if os.path.exists(os.path.join(args.output_dir, f))]
+    parent = os.path.abspath(args.output_dir)
+    while not os.path.exists(parent):  # the folder, or the nearest one above it that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        die(f"--output_dir {args.output_dir}: {parent} is {'not writable' if os.path.isdir(parent) else 'a file'}")
+    held = [f for f in RUN_FILES if os.path.lexists(os.path.join(args.output_dir, f))]
     if held and not args.overwrite:
-        raise SystemExit(f"error: --output_dir {args.output_dir} already holds a run ({', '.join(held)}): "
-                         f"pass --overwrite to replace it, or --resume {args.output_dir} to continue it")
-    for f in held:  # --overwrite: clear the old run's files, so nothing stale is mixed in
-        path = os.path.join(args.output_dir, f)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(args.output_dir, exist_ok=True)
+        die(f"--output_dir {args.output_dir} already holds a run ({', '.join(held)}): pass --overwrite "
+            f"to replace it, or --resume {args.output_dir} to continue it")
     return args
 
 
+def start_run(args):
+    """Once the run has loaded without an error: create --output_dir, after clearing (--overwrite)
+    every file of the old run in it, so that nothing stale is mixed in. Other files stay."""
+    if not args.resume:
+        for f in RUN_FILES:
+            path = os.path.join(args.output_dir, f)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# Models and data from the Hugging Face Hub or local folders
+
+
+def hub_unreachable():
+    """None if the Hugging Face Hub answers within 5 s, else why not. (The Hub client would retry 5
+    times, 23-46 s, before failing; with HF_HUB_OFFLINE=1 the libraries read their cache alone.)"""
+    offline = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in offline):
+        return None  # the libraries fail at once themselves if the cache lacks it
+    return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@functools.lru_cache(maxsize=None)  # once per process
+def _probe(endpoint):
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:  # (through the proxy of https_proxy, if one is set)
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except (OSError, ValueError) as e:  # no network, no DNS, refused, timed out
+        reason = getattr(e, "reason", e)
+        if not isinstance(reason, ssl.SSLError):  # (a TLS problem: it answered; the Hub client decides)
+            return f"{endpoint} cannot be reached ({reason})"
+    return None
+
+
+def need_hub(what, instead):
+    """die() at once, saying what to do, when `what` must come from an unreachable Hub."""
+    why = hub_unreachable()
+    if why:
+        die(f"{what} is on the Hugging Face Hub, and {why}. {instead}; or, if it is in your Hugging "
+            f"Face cache, set HF_HUB_OFFLINE=1 to load it from there")
+
+
+def where(name):
+    """A model or dataset as metrics.json records it: its absolute path, or its Hub name."""
+    return os.path.abspath(name) if os.path.exists(name) else f"Hub: {name}"
+
+
 def from_pretrained(cls, name, flag="--model", **kwargs):
-    """cls.from_pretrained(name, ...), with a clear message when the path or the Hub is not there."""
+    """cls.from_pretrained(name, ...), with one clear line when the path, the Hub or the checkpoint
+    is not what is needed."""
     if not os.path.exists(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
-        raise SystemExit(f"error: {flag} {name}: no such local directory (a local checkpoint is a folder "
-                         f"with config.json and the weights, e.g. written by save_pretrained)")
+        die(f"{flag} {name}: no such local directory (a local checkpoint is a folder with config.json "
+            f"and the weights, e.g. written by save_pretrained)")
+    if not os.path.exists(name):
+        need_hub(f"{flag} {name}", f"Pass {flag} PATH to a local checkpoint, or --smoke for the built-in tiny model")
     try:
         return cls.from_pretrained(name, **kwargs)
-    except OSError as e:
-        where = "local folder" if os.path.exists(name) else "Hugging Face Hub model"
-        raise SystemExit(f"error: {flag} {name}: could not load this {where} "
-                         f"({str(e).splitlines()[0]}). Offline? Pass {flag} PATH to a local checkpoint, "
-                         f"or --smoke for the built-in tiny model.") from None
+    except Exception as e:  # OSError (missing files), ValueError (e.g. a ViT given to a text script), ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.path.exists(name):
+            die(f"{flag} {name}: {cls.__name__} could not load this local folder ({first})")
+        die(f"{flag} {name}: could not load this Hugging Face Hub model ({first}). Pass {flag} PATH to a local "
+            f"checkpoint, or --smoke for the built-in tiny model")
 
 
 def fit_window(args, total_steps):
@@ -151,6 +329,29 @@ def fit_window(args, total_steps):
                          f"train longer (--epochs, --max_train_samples) or lower --batch_size")
     print(f"note: the allocation window t_w {t_w}, t_f {t_f}, Δ {delta} does not fit in {total_steps} "
           f"steps; scaled to t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}")
+
+
+def allocation_steps(args, total_steps):
+    """The steps at which FlexLoRA's RankAllocator will move rank: every Δ steps after t_w where b(t) > 0."""
+    return [t for t in range(args.t_w + args.delta, total_steps - args.t_f + 1, args.delta)
+            if flexlora.budget(t, args.b0, args.t_w, args.t_f, total_steps, args.schedule) > 0]
+
+
+def fit_delta(args, total_steps):
+    """FlexLoRA in a short run: the cubic b(t) rounds to 0 late in the window, so a large Δ may leave no
+    allocation that moves rank. Then lower Δ to the largest that leaves one; if none does, die():
+    the run would silently be LoRA at a fixed rank (--b0 0 asks for that on purpose)."""
+    if args.b0 == 0 or allocation_steps(args, total_steps):
+        return
+    for delta in range(args.delta - 1, 0, -1):
+        if allocation_steps(argparse.Namespace(**{**vars(args), "delta": delta}), total_steps):
+            print(f"note: with Δ {args.delta}, b(t) is 0 at every allocation step of these {total_steps} steps; "
+                  f"Δ lowered to {delta}")
+            args.delta = delta
+            return
+    die(f"FlexLoRA's schedule allows no rank allocation in these {total_steps} steps (t_w {args.t_w}, "
+        f"t_f {args.t_f}, b0 {args.b0}, {args.schedule} b(t)): it would be a fixed-rank run. Raise --b0, "
+        f"lower --t_w or --t_f, train longer, or pass --b0 0 for a fixed-rank run on purpose")
 
 
 # -----------------------------------------------------------------------------
@@ -172,9 +373,10 @@ def fit_window(args, total_steps):
 RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1  # this process, and how many (from torchrun's env vars)
 
 
-def start_run(args, name):
+def launch(args, name, check=check_args):
     """Join torchrun's process group (when launched by torchrun), then prepare_output_dir on rank
-    0 alone, whose decisions the other ranks take (the run directory; --resume: the saved settings)."""
+    0 alone, whose decisions the other ranks take (the run directory; --resume: the saved settings).
+    Rank 0 alone clears an --overwrite'n run too, once every rank has loaded (train(): start_run)."""
     global RANK, LOCAL_RANK, WORLD_SIZE
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         RANK, LOCAL_RANK, WORLD_SIZE = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -185,21 +387,21 @@ def start_run(args, name):
         if RANK > 0:
             sys.stdout = open(os.devnull, "w")  # rank 0 alone prints (errors still reach stderr)
     if WORLD_SIZE == 1:
-        return prepare_output_dir(args, name)
+        return prepare_output_dir(args, name, check)
     settings = [None]
     if RANK == 0:
         try:
-            settings = [vars(prepare_output_dir(args, name))]
+            settings = [vars(prepare_output_dir(args, name, check))]
         finally:  # on an error too: no rank waits for ever
             dist.broadcast_object_list(settings)
     else:
         dist.broadcast_object_list(settings)
         if settings[0] is None:
-            raise SystemExit(1)  # rank 0 has said why
+            raise SystemExit(2)  # rank 0 has said why
         vars(args).update(settings[0])
     if args.batch_size < WORLD_SIZE:
-        raise SystemExit(f"error: --batch_size {args.batch_size} is the global batch, split over "
-                         f"{WORLD_SIZE} processes: make it at least {WORLD_SIZE}")
+        die(f"--batch_size {args.batch_size} is the global batch, split over {WORLD_SIZE} processes: "
+            f"make it at least {WORLD_SIZE}")
     return args
 
 
@@ -271,12 +473,29 @@ def find_targets(model, candidates, override=None):
     """The first list of target modules in `candidates` all of whose entries name a Linear of
     `model` (module names differ between architectures), or --target_modules if given."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    for targets in ([override.split(",")] if override else candidates):
+    known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in names})  # layer indices collapsed to N
+    if override:
+        missing = [t for t in override.split(",") if not any(flexlora.matches(n, t) for n in names)]
+        if missing:
+            raise ValueError(f"--target_modules: no Linear layer of this model matches {', '.join(missing)}; "
+                             f"its Linear layers are {known}")
+        return override.split(",")
+    for targets in candidates:
         if all(any(flexlora.matches(n, t) for n in names) for t in targets):
             return list(targets)
-    known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in names})
-    raise ValueError(f"target modules {override or candidates} do not all match this model's Linear "
-                     f"layers; pass --target_modules a,b,c from: {known}")
+    raise ValueError(f"target modules {candidates} do not all match this model's Linear layers; "
+                     f"pass --target_modules a,b,c from: {known}")
+
+
+def hold_out(train_set, args):
+    """(training examples, held-out examples or None): --holdout N takes N examples out of
+    training, the same N for every seed and method, so their scores compare hyperparameters."""
+    if not args.holdout:
+        return train_set, None
+    if not 0 < args.holdout < len(train_set):
+        die(f"--holdout {args.holdout}: give fewer examples than the {len(train_set)} of training")
+    order = np.random.default_rng(0).permutation(len(train_set)).tolist()
+    return [train_set[i] for i in order[args.holdout:]], [train_set[i] for i in order[:args.holdout]]
 
 
 def count(params):
@@ -292,6 +511,12 @@ class FlexLoRA:
         self.allocator = flexlora.RankAllocator(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
                                                 total_steps=total_steps, interval=args.delta, r_min=args.r_min,
                                                 r_max=args.r_max, seed=args.seed, schedule=args.schedule)
+        if args.init == "orthonormal":  # P, Q start orthonormal, R's minimum (paper: N(0, σ²))
+            gen = torch.Generator().manual_seed(args.seed)
+            with torch.no_grad():
+                for m in flexlora.adapters(model).values():
+                    m.P.copy_(torch.linalg.qr(torch.randn(m.P.shape, generator=gen))[0])  # (d_out, r)
+                    m.Q.copy_(torch.linalg.qr(torch.randn(m.Q.T.shape, generator=gen))[0].T)  # (r, d_in)
         K = len(flexlora.adapters(model))
         print(f"flexlora: {K} matrices, r = {args.r} (total rank {args.r * K}), alpha {args.alpha:g} "
               f"(s = {args.alpha / args.r:.3g}), b0 {args.b0}, t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, "
@@ -417,9 +642,16 @@ class Peft:
     def load_weights(self, path):
         from safetensors.torch import load_file
 
-        missing, unexpected = self.net.load_state_dict(load_file(path), strict=False)
-        if unexpected:
-            raise ValueError(f"{path} does not fit this model: {unexpected[:3]}")
+        try:
+            tensors = load_file(path)
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise ValueError(f"{path} cannot be loaded ({str(e).strip()[:200]})") from None
+        params = dict(self.net.named_parameters())
+        unexpected = sorted(set(tensors) - set(params))
+        wrong = [n for n, v in tensors.items() if n in params and v.shape != params[n].shape]
+        if unexpected or wrong:  # checked before anything is copied
+            raise ValueError(f"{path} does not fit this model: {(unexpected + wrong)[:3]}")
+        self.net.load_state_dict(tensors, strict=False)
 
     def save(self, out_dir):
         self.saved.save_pretrained(os.path.join(out_dir, "adapter"))  # PEFT's adapter format
@@ -450,14 +682,20 @@ def setup_method(model, args, targets, trainable, total_steps):
     return method, counts
 
 
+def gamma_at(args, t):
+    """γ at step t: --gamma, ramped up linearly over the first --gamma_warmup steps (0: none)."""
+    return args.gamma * min(1.0, t / args.gamma_warmup) if args.gamma_warmup else args.gamma
+
+
 def build_optimizer(net, args):
-    # AdamW; no decay on biases and norms (as HF's Trainer, which the authors' scripts use)
-    decay, no_decay = [], []
-    for n, p in net.named_parameters():
-        if p.requires_grad:
-            (no_decay if "bias" in n or "norm" in n.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr * args.lr_scale)
+    # AdamW; FlexLoRA's λ at --lambda_lr_ratio × lr; no decay on biases and norms (as HF's Trainer)
+    no_decay = {id(p) for n, p in net.named_parameters() if "bias" in n or "norm" in n.lower()}
+    groups = []
+    for g in flexlora.param_groups(net, args.lr * args.lr_scale, args.lambda_lr_ratio):
+        for decay in (True, False):
+            params = [p for p in g["params"] if (id(p) not in no_decay) == decay]
+            groups.append(dict(g, params=params, weight_decay=args.weight_decay if decay else 0.0))
+    return torch.optim.AdamW([g for g in groups if g["params"]])
 
 
 # -----------------------------------------------------------------------------
@@ -471,6 +709,7 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
             return
     out = os.path.join(args.output_dir, "checkpoint")
     tmp, old = out + ".tmp", out + ".old"
+    recover_checkpoint(args.output_dir)  # checkpoint.old alone is the last checkpoint: never delete it
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     method.save_weights(os.path.join(tmp, "adapter.safetensors"))
@@ -480,6 +719,7 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
     torch.save(state, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
+    # the swap: a crash between the two renames leaves checkpoint.old, which recover_checkpoint() puts back
     if os.path.exists(out):
         os.replace(out, old)
     os.replace(tmp, out)
@@ -487,22 +727,41 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
 
 
 def load_checkpoint(args, method):
-    """Load the checkpoint's adapter into `method` (before the optimizer is built on it); return its state."""
+    """Load the checkpoint's adapter into `method` (before the optimizer is built on it); return its
+    state. A damaged or foreign checkpoint: die(), naming the file."""
     ckpt = os.path.join(args.output_dir, "checkpoint")
-    if not os.path.exists(ckpt) and os.path.exists(ckpt + ".old"):  # interrupted mid-swap
-        ckpt += ".old"
-    method.load_weights(os.path.join(ckpt, "adapter.safetensors"))
-    return torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+    files = [os.path.join(ckpt, f) for f in ("state.pt", "adapter.safetensors")]
+    again = f"this run cannot continue: start it again with --output_dir {args.output_dir} --overwrite"
+    for f in files:
+        if not os.path.isfile(f):
+            die(f"--resume {args.output_dir}: {f} is missing; {again}")
+    try:  # tensors and plain containers only (weights_only): a checkpoint never needs more
+        state = torch.load(files[0], weights_only=True)
+    except Exception as e:  # truncated (RuntimeError, EOFError), or not a torch.save() file (UnpicklingError)
+        die(f"--resume {args.output_dir}: {files[0]} is damaged or not a checkpoint of these scripts "
+            f"({type(e).__name__}); {again}")
+    need = {"step", "evals", "optimizer", "scheduler", "rng", "cuda_rng"}
+    if not isinstance(state, dict) or not need <= set(state):
+        die(f"--resume {args.output_dir}: {files[0]} is not a checkpoint of these scripts; {again}")
+    try:
+        method.load_weights(files[1])  # flexlora.load_adapter checks all of the file before changing anything
+    except ValueError as e:
+        die(f"--resume {args.output_dir}: {e}; {again}")
+    return state
 
 
 def restore(state, method, optimizer, scheduler):
     """Put the optimizer, LR scheduler, method and RNG back where the checkpoint left them."""
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    method.load_state_dict(state)
-    torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state)
+        torch.set_rng_state(state["rng"])  # dropout continues as if never interrupted
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # another version's or run's state
+        raise ValueError(f"the checkpoint's state does not fit this run ({type(e).__name__}: "
+                         f"{str(e).strip()[:200]}); was it written by another version of these scripts?") from None
 
 
 # -----------------------------------------------------------------------------
@@ -531,6 +790,8 @@ def predict(net, dataset, collate, args):
         parts = [None] * WORLD_SIZE
         dist.all_gather_object(parts, (logits, labels))
         logits, labels = (np.concatenate(x) for x in zip(*parts))
+    if not np.isfinite(logits).all():  # a metric would count them as some class: no score at all
+        raise FloatingPointError("the model's outputs are non-finite")  # (on every rank alike)
     return logits, labels
 
 
@@ -547,11 +808,13 @@ def autocast(args, device):
 # The training loop
 
 
-def train(args, model, train_set, collate, evaluate, targets, trainable, score_key="score", processor=None):
+def train(args, model, train_set, collate, evaluate, targets, trainable, score_key="score", source=None,
+          processor=None):
     """Fine-tune `model` with args.method and write every output of the run to args.output_dir.
 
     train_set: a map-style dataset whose items `collate` turns into a batch dict with "labels";
-    evaluate(net) -> {metric: value}, with `score_key` the one that picks the best evaluation.
+    evaluate(net) -> {metric: value}, with `score_key` the one that picks the best evaluation;
+    source: {"model": ..., "data": ...}, what was really loaded, for metrics.json;
     processor: the tokenizer or image processor, saved beside the model in merged/.
     Returns metrics.json's content, or None when --stop_after ends the run early (or on ranks > 0).
     """
@@ -560,21 +823,31 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     device = torch.device(f"cuda:{LOCAL_RANK}" if torch.cuda.is_available() else "cpu")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     T = args.epochs * steps_per_epoch  # total optimizer steps
-    fit_window(args, T)
-    model.to(device)
-    method, counts = setup_method(model, args, targets, trainable, T)
-    net = method.net
-
-    # resume: the adapter first (new Parameter objects), then the optimizer built on them
-    state = load_checkpoint(args, method) if args.resume else {}
-    optimizer = build_optimizer(net, args)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)
-    if state:
-        restore(state, method, optimizer, scheduler)
-        print(f"resumed at step {state['step']} of {T}")
-    if WORLD_SIZE > 1:
-        join_replicas(net, args, state)
+    with user_errors():  # flexlora's checks of r, alpha, the window; a checkpoint that does not fit
+        fit_window(args, T)
+        if args.method == "flexlora":
+            fit_delta(args, T)
+        model.to(device)
+        method, counts = setup_method(model, args, targets, trainable, T)
+        net = method.net
+        # resume: the adapter first (new Parameter objects), then the optimizer built on them
+        state = load_checkpoint(args, method) if args.resume else {}
+        optimizer = build_optimizer(net, args)
+        scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)
+        if state:
+            restore(state, method, optimizer, scheduler)
     start, evals, elapsed = state.get("step", 0), state.get("evals", []), state.get("elapsed", 0.0)
+    if args.resume and args.stop_after and args.stop_after <= start:
+        die(f"--stop_after {args.stop_after}: the checkpoint in {args.output_dir} is at step {start} already; "
+            f"pass a later step, or none to finish the run")
+    if args.method == "flexlora":
+        counts["planned_allocations"] = len(allocation_steps(args, T))  # 0 only with --b0 0 (fit_delta)
+    if WORLD_SIZE > 1:
+        join_replicas(net, args, state)  # (a collective: every rank has loaded too)
+    if RANK == 0:
+        start_run(args)  # everything has loaded: only now is an --overwrite'n run cleared
+    if state:
+        print(f"resumed at step {start} of {T}")
     initial_ranks = state.get("initial_ranks") or method.ranks()
     eval_steps = args.eval_every * steps_per_epoch
     ckpt_steps = args.ckpt_every or eval_steps
@@ -595,6 +868,30 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
                                                 collate_fn=collate, num_workers=args.num_workers,
                                                 pin_memory=device.type == "cuda", generator=torch.Generator()))
 
+    # divergence: the first step whose loss or gradient norm is not finite, kept on the device (no
+    # sync per step) and read where the loop syncs anyway: log lines, evaluations, checkpoints
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    last_ckpt = start if args.resume else None  # the step of the checkpoint on disk
+
+    def diverged(what):
+        pbar.close()
+        kept = (f"the last good checkpoint (step {last_ckpt}) is kept in {args.output_dir}/checkpoint"
+                if last_ckpt is not None else "no checkpoint had been written")
+        die(f"training diverged: {what}. Nothing was saved from it; {kept}. Lower --lr or --lr_scale "
+            f"(the peak learning rate is {args.lr * args.lr_scale:g}) and run again", code=1)
+
+    def stop_if_diverged(t, weights=True):
+        first = first_bad.item()
+        if WORLD_SIZE > 1:  # every rank stops together, at the first step that failed on any of them
+            steps = [None] * WORLD_SIZE
+            dist.all_gather_object(steps, first)
+            first = min((s for s in steps if s), default=0)
+        if first:
+            diverged(f"the loss became non-finite at step {first}")
+        params = [p for g in optimizer.param_groups for p in g["params"]]  # (the same on every rank)
+        if weights and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            diverged(f"the trained weights are non-finite at step {t}")
+
     net.train()
     batches, t0, tick = None, time.time(), time.time()
     loss_sum, orth_sum, n_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
@@ -606,6 +903,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         n = min(args.batch_size, len(train_set) - i * args.batch_size)  # examples in the global batch
         share = (n // WORLD_SIZE + (RANK < n % WORLD_SIZE)) / n  # this rank's part of them (1 on one process)
+        t = step + 1  # optimizer steps taken, after this one
 
         # forward, backward, step
         with autocast(args, device):
@@ -614,19 +912,25 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         orth = method.regularizer()  # FlexLoRA's R
         if orth is not None:
             orth_sum += orth.detach()
-            loss = loss + args.gamma * orth  # the paper's loss: task + γ·R
+            loss = loss + gamma_at(args, step + 1) * orth  # the paper's loss: task + γ·R
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]  # current objects
         if WORLD_SIZE > 1:
             all_reduce_grads(params, share)  # the global batch's gradient, on every rank
+        finite = torch.isfinite(loss.detach())  # this rank's (stop_if_diverged asks every rank)
         if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+        first_bad.masked_fill_((first_bad == 0) & ~finite, t)  # on the device: no sync
         optimizer.step()
         scheduler.step()
-        t = step + 1  # optimizer steps taken
         n_alloc = len(method.history)
-        method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
+        try:
+            method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
+        except ValueError:  # flexlora's allocator refuses non-finite λ
+            stop_if_diverged(t)
+            raise
         if WORLD_SIZE > 1 and len(method.history) > n_alloc:
+            stop_if_diverged(t)  # first: non-finite weights never compare equal
             check_replicas(method, f"after the allocation at step {t}")
         optimizer.zero_grad(set_to_none=True)
         n_logged += 1
@@ -642,21 +946,29 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
                 line += f" | orth {orth_sum.item() / n_logged:.4f} | b(t) {method.budget(t)}"
             line += f" | rank {sum(method.ranks().values())} | lr {scheduler.get_last_lr()[0]:.1e}"
             pbar.write(line + f" | {ms:.0f} ms/step")
+            stop_if_diverged(t, weights=False)
             loss_sum.zero_(), orth_sum.zero_()
             n_logged, tick = 0, time.time()
 
+        stop = t == args.stop_after and t < T  # (a stop simulates an interruption)
+        evaluate_now, checkpoint_now = t % eval_steps == 0 or t == T, t % ckpt_steps == 0 or stop
+        if evaluate_now or checkpoint_now:
+            stop_if_diverged(t)  # a diverged model is never evaluated, checkpointed or saved
         # evaluate every eval_every epochs and at the end
-        if t % eval_steps == 0 or t == T:
+        if evaluate_now:
             tic = time.time()
-            metrics = evaluate(net)
+            try:
+                metrics = evaluate(net)
+            except FloatingPointError as e:  # predict(): non-finite logits
+                diverged(f"{e} at step {t}")
             evals.append(dict(step=t, epoch=round(t / steps_per_epoch, 3), **metrics))
             pbar.write(f"eval step {t}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             tick += time.time() - tic  # evaluation does not count as step time
-        # checkpoint (and a stop, to simulate an interruption)
-        stop = t == args.stop_after and t < T
-        if t % ckpt_steps == 0 or stop:
+        # checkpoint
+        if checkpoint_now:
             save_checkpoint(args, method, optimizer, scheduler, dict(
                 step=t, evals=evals, initial_ranks=initial_ranks, elapsed=elapsed + time.time() - t0))
+            last_ckpt = t
         if stop:
             pbar.close()
             print(f"stopped after step {t} (--stop_after); continue with --resume {args.output_dir}")
@@ -667,14 +979,16 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         check_replicas(method, "at the end")
     if RANK > 0:
         return None  # rank 0 writes the outputs
-    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, processor)
+    run = dict(source or {}, train_examples=len(train_set), processes=WORLD_SIZE, **provenance())
+    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, run, processor)
 
 
 # -----------------------------------------------------------------------------
 # Outputs of a run: metrics, rank history, adapter, pictures
 
 
-def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, processor=None):
+def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, run=None,
+                  processor=None):
     best = max(evals, key=lambda e: e[score_key])
     final_ranks = method.ranks()
     counts["final_total_rank"] = sum(final_ranks.values())
@@ -685,9 +999,8 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
         h = method.history
         stats = dict(allocations=len(h), expanded=sum(len(r["expanded"]) for r in h),
                      pruned=sum(len(r["pruned"]) for r in h), **churn(h))
-    result = dict(config=vars(args), counts=counts, evals=evals, final=evals[-1], best=best,
+    result = dict(config=vars(args), run=run, counts=counts, evals=evals, final=evals[-1], best=best,
                   allocation_stats=stats, wall_time_s=round(elapsed, 1), train_steps=T, device=str(device))
-    write_json(os.path.join(args.output_dir, "metrics.json"), result)
     write_json(os.path.join(args.output_dir, "rank_history.json"),
                dict(method=args.method, initial=initial_ranks, history=method.history, final=final_ranks))
     method.save(args.output_dir)
@@ -697,6 +1010,7 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
         if processor is not None:
             processor.save_pretrained(folder)
     plot_ranks(final_ranks, initial_ranks, method.history, T, args.output_dir, args.method)
+    write_json(os.path.join(args.output_dir, "metrics.json"), result)  # last: a finished run has it
     print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items() if k not in ("step", "epoch")))
     print(f"best (step {best['step']}): {score_key} {best[score_key]:.4f}; {elapsed:.0f} s; "
           f"outputs in {args.output_dir}")
@@ -704,8 +1018,32 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # then renamed: a crash never leaves half a file
         json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def provenance():
+    """What ran this: library versions and the git commit of this code (None outside a checkout)."""
+    import platform
+
+    import transformers
+
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    here = os.path.dirname(os.path.abspath(flexlora.__file__))
+    git = lambda *cmd: subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        commit = head.stdout.strip() if head.returncode == 0 else None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip()) if commit else None
+    except (OSError, subprocess.SubprocessError):  # no git
+        commit = dirty = None
+    return dict(versions=dict(python=platform.python_version(), torch=torch.__version__,
+                              transformers=transformers.__version__, peft=peft and peft.__version__,
+                              numpy=np.__version__), git_commit=commit, git_dirty=dirty)
 
 
 def churn(history):

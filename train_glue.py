@@ -79,7 +79,8 @@ TARGETS = [["query_proj", "key_proj", "value_proj"] + FFN,  # DeBERTa
 
 # --smoke: a tiny DeBERTa on built-in data, with allocations every other step
 SMOKE = dict(r=4, alpha=8, lr=3e-2, epochs=3, max_length=32, batch_size=16, t_w=10, t_f=30, delta=2,
-             b0=2, log_every=16, max_train_samples=512, max_eval_samples=128)
+             b0=2, log_every=16, max_train_samples=512, max_eval_samples=128,
+             model=None)  # its own model (metrics.json's run.model says which)
 
 
 def num_labels(task):
@@ -149,8 +150,8 @@ def load_tsv(data_dir, task):
     for split, name in files.items():
         path = os.path.join(folder, name + ".tsv")
         if not os.path.exists(path):
-            raise SystemExit(f"error: --data_dir {data_dir}: {path} is missing (the original GLUE "
-                             f"layout is <DIR>/{DATA[task][0]}/{{train,dev}}.tsv)")
+            common.die(f"--data_dir {data_dir}: {path} is missing (the original GLUE layout is "
+                       f"<DIR>/{DATA[task][0]}/{{train,dev}}.tsv)")
         out[split] = read_tsv(path, task)
     return out
 
@@ -159,15 +160,15 @@ def load_hub(task):
     """The same from the Hub's nyu-mll/glue."""
     dev = DEV.get(task, {"": ("", "validation")})
     splits = {"train": "train"} | {"dev" + k: split for k, (_, split) in dev.items()}
+    instead = f"Pass --data_dir DIR with the GLUE TSVs (DIR/{DATA[task][0]}/train.tsv, dev.tsv), or --smoke"
+    common.need_hub(f"GLUE {task} (nyu-mll/glue)", instead)
     try:
         import datasets
 
         ds = datasets.load_dataset("nyu-mll/glue", task)
     except Exception as e:  # no network, no cache: say what to do instead
-        raise SystemExit(f"error: could not load GLUE {task} from the Hugging Face Hub "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline? Pass "
-                         f"--data_dir DIR with the GLUE TSVs (DIR/{DATA[task][0]}/train.tsv, dev.tsv), "
-                         f"or --smoke") from None
+        common.die(f"could not load GLUE {task} from the Hugging Face Hub ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0] if str(e) else ''}). {instead}")
     return {k: ([ds[s][c] for c in DATA[task][1]], ds[s]["label"]) for k, s in splits.items()}
 
 
@@ -313,16 +314,31 @@ def get_args(argv=None):
     parser.set_defaults(r=12, **dict(zip(HPARAMS, TASKS[first.task])))
     if first.smoke:
         parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.smoke and args.model is not None:
+        common.die(f"--smoke trains its own tiny model: drop --model {args.model}, or --smoke")
+    return args
+
+
+def check_args(args):
+    """The flags in range (train_common.check_args, then this script's), before anything is loaded."""
+    common.check_args(args)
+    if args.task not in TASKS:  # (a saved args.json)
+        common.die(f"--task {args.task!r}: must be one of {', '.join(TASKS)}")
+    for flag in ("max_length", "max_train_samples", "max_eval_samples"):
+        v = getattr(args, flag)
+        if v is not None and not (isinstance(v, int) and v >= 1):
+            common.die(f"--{flag} {v!r}: must be an integer >= 1")
 
 
 def main(argv=None):
     args = get_args(argv)
-    args = common.start_run(args, f"glue-{args.task}")  # torchrun's processes; --resume: the run's settings
+    args = common.launch(args, f"glue-{args.task}", check_args)  # torchrun's processes; --resume: its settings
     torch.manual_seed(args.seed)  # the head's initialisation (and the smoke model)
-    data = load_data(args)
-    model, tokenizer = load_model(args)
-    train_set = encode(tokenizer, *data["train"], args.max_length)
+    with common.user_errors():  # a file that is not what it should be: one line, exit 2
+        data = load_data(args)
+        model, tokenizer = load_model(args)
+    train_set, held = common.hold_out(encode(tokenizer, *data["train"], args.max_length), args)
     dev_sets = {k[3:]: encode(tokenizer, *v, args.max_length) for k, v in data.items() if k.startswith("dev")}
     print(f"GLUE {args.task}: {len(train_set):,} train, "
           + ", ".join(f"{len(d):,} dev{k}" for k, d in dev_sets.items()))
@@ -335,13 +351,23 @@ def main(argv=None):
         for suffix, dev in dev_sets.items():
             logits, labels = common.predict(net, dev, collate, args)
             metrics |= {k + suffix: v for k, v in glue_metrics(args.task, logits, labels).items()}
-        return metrics | {"score": float(np.mean(list(metrics.values())))}  # the GLUE task score
+        metrics["score"] = float(np.mean(list(metrics.values())))  # the GLUE task score
+        if held:  # --holdout: the same metrics on training examples kept out of training
+            logits, labels = common.predict(net, held, collate, args)
+            metrics |= {"holdout_" + k: v for k, v in glue_metrics(args.task, logits, labels).items()}
+        return metrics
 
-    targets = common.find_targets(model, TARGETS, args.target_modules)
+    with common.user_errors():
+        targets = common.find_targets(model, TARGETS, args.target_modules)
     # the task head stays trainable (not adapted): the classifier, and the pooler where there is one
     names = [n for n, _ in model.named_modules()]
     heads = [h for h in ("classifier", "pooler") if any(n == h or n.endswith("." + h) for n in names)]
-    return common.train(args, model, train_set, collate, evaluate, targets, heads, processor=tokenizer)
+    source = dict(model=f"smoke: a tiny random DeBERTa-v2 ({model.config.num_hidden_layers} layers, hidden "
+                        f"{model.config.hidden_size})" if args.smoke else common.where(args.model),
+                  data=f"GLUE TSVs in {os.path.abspath(args.data_dir)}" if args.data_dir else
+                  "smoke: built-in sentences with marker words" if args.smoke else f"Hub: nyu-mll/glue {args.task}")
+    return common.train(args, model, train_set, collate, evaluate, targets, heads, source=source,
+                        processor=tokenizer)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ $ torchrun --standalone --nproc_per_node 2 train_vit.py --smoke
 import argparse
 import os
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -43,7 +44,8 @@ MLP = ["fc1", "fc2"]  # transformers 5.x: vit.layers.N.mlp.fc1 / fc2
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]  # vit.layers.N.attention.*, with --attn
 HUB = {"cifar100": ("uoft-cs/cifar100", "img", "fine_label"), "cifar10": ("uoft-cs/cifar10", "img", "label")}
 SMOKE = dict(r=4, alpha=8, lr=1e-2, epochs=4, batch_size=16, t_w=8, t_f=24, delta=2, b0=2,
-             eval_every=1, log_every=16, warmup_ratio=0.06)
+             eval_every=1, log_every=16, warmup_ratio=0.06,
+             model=None, dataset=None)  # its own model and images (metrics.json's run says which)
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # -----------------------------------------------------------------------------
@@ -86,12 +88,22 @@ class HubColumn:
 
 def load_npz(path):
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --data {path}: no such file or folder")
-    with np.load(path) as f:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
-        if missing:
-            raise ValueError(f"{path} lacks the arrays {missing} (it holds {list(f.keys())})")
-        data = {s: (f[f"x_{s}"], f[f"y_{s}"]) for s in ("train", "test")}
+        common.die(f"--data {path}: no such file or folder")
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it
+        raise ValueError(f"--data {path}: not a .npz archive (np.savez of x_train, y_train, x_test, y_test) "
+                         f"nor an image folder")
+    try:
+        with np.load(path) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+            if missing:
+                raise ValueError(f"{path} lacks the arrays {missing} (it holds {list(f.keys())})")
+            data = {s: (f[f"x_{s}"], f[f"y_{s}"]) for s in ("train", "test")}
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # truncated
+        raise ValueError(f"--data {path}: a damaged .npz archive ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        if "pickle" in str(e):  # object arrays: refused, as np.load refuses to unpickle
+            raise ValueError(f"--data {path}: holds object arrays, not uint8 images and integer labels") from None
+        raise
     for split, (x, y) in data.items():  # the arrays are checked here, before any training
         if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != np.uint8:
             raise ValueError(f"{path}: x_{split} must be uint8 images of shape (N, H, W, C) with C = 1 "
@@ -135,14 +147,15 @@ def load_folder(path, seed):
 
 def load_hub(name):
     repo, image_col, label_col = HUB.get(name, (name, None, None))
+    instead = "Pass --data with a .npz (x_train, y_train, x_test, y_test) or an image folder, or --smoke"
+    common.need_hub(f"--dataset {name} ({repo})", instead)
     try:
         import datasets
 
         ds = datasets.load_dataset(repo)
     except Exception as e:  # no network, no cache: say what to do instead
-        raise SystemExit(f"error: could not load {repo!r} from the Hugging Face Hub ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}). Offline? Pass --data with a .npz "
-                         f"(x_train, y_train, x_test, y_test) or an image folder, or --smoke") from None
+        common.die(f"could not load {repo!r} from the Hugging Face Hub ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0] if str(e) else ''}). {instead}")
     test = "test" if "test" in ds else "validation"
     features = ds["train"].features
     # other datasets: the first Image column and the first ClassLabel column
@@ -182,6 +195,9 @@ def load_data(args):
         data = load_hub(args.dataset)
     n_classes = int(np.max(data["train"][1])) + 1  # from the whole training set, before any subset
     if args.vtab1k:  # VTAB-1k: 1000 training images, 800 to train on, 200 to evaluate on
+        if len(data["train"][1]) < 1000:
+            raise ValueError(f"--vtab1k takes 1000 training images (800 to train on, 200 to evaluate on); "
+                             f"this training set has {len(data['train'][1])}")
         order = np.random.default_rng(args.seed).permutation(len(data["train"][1]))[:1000]
         data = {"train": take(*data["train"], order[:800]), "test": take(*data["train"], order[800:])}
     if args.max_train_samples and args.max_train_samples < len(data["train"][1]):
@@ -189,6 +205,8 @@ def load_data(args):
         data["train"] = take(*data["train"], np.sort(idx))
     # labels must be 0 .. n-1, the test set's within the training set's
     y_train, y_test = data["train"][1], data["test"][1]
+    if len(y_train) == 0 or len(y_test) == 0:
+        raise ValueError(f"no {'training' if len(y_train) == 0 else 'test'} images")
     if y_train.min() < 0 or y_test.min() < 0:
         raise ValueError("labels must be integers >= 0 (class indices)")
     if y_test.max() >= n_classes:
@@ -253,18 +271,32 @@ def get_args(argv=None):
     parser.set_defaults(**DEFAULTS)
     if "--smoke" in (argv if argv is not None else sys.argv[1:]):
         parser.set_defaults(**SMOKE)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("model", "dataset"):
+        if args.smoke and getattr(args, flag) is not None:
+            common.die(f"--smoke trains its own tiny model on its own images: drop --{flag}, or --smoke")
+    return args
+
+
+def check_args(args):
+    """The flags in range (train_common.check_args, then this script's), before anything is loaded."""
+    common.check_args(args)
+    v = args.max_train_samples
+    if v is not None and not (isinstance(v, int) and v >= 1):
+        common.die(f"--max_train_samples {v!r}: must be an integer >= 1")
 
 
 def main(argv=None):
     args = get_args(argv)
-    args = common.start_run(args, "vit-" + ("smoke" if args.smoke else os.path.basename(
-        os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset))
+    args = common.launch(args, "vit-" + ("smoke" if args.smoke else os.path.basename(
+        os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset), check_args)
     torch.manual_seed(args.seed)  # the new head's initialisation (and the smoke model)
-    data, n_classes = load_data(args)
-    model = load_model(args, n_classes)
+    with common.user_errors():  # a file that is not what it should be: one line, exit 2
+        data, n_classes = load_data(args)
+        model = load_model(args, n_classes)
     processor = image_processor(args, model.config)
     train_set, test_set = Images(*data["train"]), Images(*data["test"])
+    train_set, held = common.hold_out(train_set, args)
     print(f"{len(train_set):,} training and {len(test_set):,} test images, {n_classes} classes; "
           f"resized to {model.config.image_size}, mean {np.round(processor.image_mean, 3).tolist()}")
     if args.t_w is None:  # the default window: fractions of the run
@@ -277,11 +309,20 @@ def main(argv=None):
         return {"pixel_values": pixels, "labels": torch.tensor(labels)}
 
     def evaluate(net):
-        logits, labels = common.predict(net, test_set, collate, args)
-        return {"accuracy": float((logits.argmax(-1) == labels).mean())}  # top-1
+        top1 = lambda logits, labels: float((logits.argmax(-1) == labels).mean())
+        metrics = {"accuracy": top1(*common.predict(net, test_set, collate, args))}
+        if held:  # --holdout: training images kept out of training
+            metrics["holdout_accuracy"] = top1(*common.predict(net, held, collate, args))
+        return metrics
 
-    targets = common.find_targets(model, [MLP + ATTN if args.attn else MLP], args.target_modules)
-    return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"], "accuracy",
+    with common.user_errors():
+        targets = common.find_targets(model, [MLP + ATTN if args.attn else MLP], args.target_modules)
+    c = model.config
+    source = dict(model=f"smoke: a tiny random ViT ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+                        f"{c.image_size}x{c.image_size} images)" if args.smoke else common.where(args.model),
+                  data=os.path.abspath(args.data) if args.data else "smoke: built-in coloured squares on noise"
+                  if args.smoke else f"Hub: {HUB.get(args.dataset, (args.dataset,))[0]}")
+    return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"], "accuracy", source,
                         processor=processor)
 
 

@@ -42,7 +42,7 @@ METHODS = {"flexlora": [], "flexlora-util": [], "lora": ["--method", "lora"], "a
 VARIANTS = {"flexlora-util": "utilization"}  # FlexLoRA with another score: python -m bench.variant SCORE ...
 # not run by default: what separates FlexLoRA from LoRA (bench/README.md, "Why FlexLoRA trails LoRA")
 DIAGNOSTICS = {"flexlora-fixed": ["--b0", "0"],  # the SVD form at fixed rank: no allocation at all
-               "flexlora-lr3": ["--lr_scale", "3"], "lora-lr3": ["--method", "lora", "--lr_scale", "3"]}
+               "flexlora-paper": ["--lambda_lr_ratio", "1"]}  # λ at the same lr as P and Q, as in the paper
 
 
 def command(task, method, seed, out, args):
@@ -53,7 +53,9 @@ def command(task, method, seed, out, args):
     else:
         cmd = ["train_vit.py", "--data", args.cifar, "--model", args.vit] + ([] if args.full else VISION[task])
     cmd += ["--epochs", str(args.epochs)] if args.epochs else []  # the last --epochs wins
-    cmd += {**METHODS, **DIAGNOSTICS}[method]
+    method, _, scale = method.partition("@")  # "lora@3": lora at 3 × the task's learning rate
+    cmd += {**METHODS, **DIAGNOSTICS}[method] + (["--lr_scale", scale] if scale else [])
+    cmd += ["--holdout", str(args.holdout[task in VISION])] if scale else []  # where the lr is chosen
     variant = ["-m", "bench.variant", VARIANTS[method]] if method in VARIANTS else []
     return [sys.executable] + variant + cmd + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
 
@@ -61,8 +63,10 @@ def command(task, method, seed, out, args):
 def run(task, method, seed, args):
     """One training in a subprocess: its metrics.json, or None (and a message) if it failed."""
     out = os.path.join(args.out, f"{task}-{method}-{seed}")
+    # one thread per training when several share the cores: oversubscribed threads crawl
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.jobs))))
     with open(out + ".log", "w") as log:
-        rc = subprocess.run(command(task, method, seed, out, args), cwd=ROOT,
+        rc = subprocess.run(command(task, method, seed, out, args), cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         print(f"{task} {method} seed {seed}: failed (exit {rc}), see {out}.log", flush=True)
@@ -92,6 +96,27 @@ def table(results, tasks, methods):
     return "\n".join(lines)
 
 
+def best_lr_table(results, tasks, methods, scales):
+    """Each method at its best learning rate: the scale whose mean holdout score over seeds is
+    highest (training examples kept out of training, never the dev set), and its dev score."""
+    lines = ["| method | " + " | ".join(f"{t} ({METRIC[t]})" for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for t in tasks:
+            grid = {s: results.get(t, {}).get(f"{m}@{s:g}", []) for s in scales}
+            held = {s: statistics.mean(r["final"]["holdout_" + METRIC[t]] for r in runs)
+                    for s, runs in grid.items() if runs}
+            if not held:
+                cells.append("—")
+                continue
+            s = max(held, key=held.get)
+            dev = [100 * r["final"][METRIC[t]] for r in grid[s]]
+            sd = statistics.stdev(dev) if len(dev) > 1 else 0.0
+            cells.append(f"{statistics.mean(dev):.1f} ± {sd:.1f} (lr ×{s:g})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TEXT) + list(VISION), choices=list(TEXT) + list(VISION))
@@ -106,9 +131,16 @@ def get_args(argv=None):
     ap.add_argument("--cifar", default=os.path.join(SHARED, "data", "cifar100_1k.npz"), help="CIFAR-100 .npz")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_quality"))
     ap.add_argument("--report", action="store_true", help="only print the table of the runs in --out")
+    ap.add_argument("--lr_scales", type=float, nargs="+",
+                    help="also run every method at these multiples of the task's lr, each with --holdout, "
+                         "and report each at its best (chosen on the holdout, not on dev), e.g. 0.33 1 3")
+    ap.add_argument("--holdout", type=int, nargs=2, default=[400, 100], metavar=("TEXT", "VISION"),
+                    help="training examples kept out of training to choose the lr on (text, vision)")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error(f"--jobs {args.jobs}: give 1 or more trainings at once")
+    if args.lr_scales and min(args.lr_scales) <= 0:
+        ap.error(f"--lr_scales {args.lr_scales}: give multiples > 0")
     return args
 
 
@@ -122,7 +154,8 @@ def main(argv=None):
     elif args.report:
         sys.exit(f"--report: no {path} yet; run the benchmark first (same --out)")
     # seeds outermost within a task: a cut-short benchmark still compares the methods
-    todo = [] if args.report else [(t, m, s) for t in args.tasks for s in args.seeds for m in args.methods]
+    grid = [f"{m}@{x:g}" for m in args.methods for x in args.lr_scales or []]
+    todo = [] if args.report else [(t, m, s) for t in args.tasks for s in args.seeds for m in args.methods + grid]
     for task, method, seed in todo:  # a redone run replaces the earlier one of its seed
         runs = results.get(task, {}).get(method, [])
         runs[:] = [r for r in runs if r["config"]["seed"] != seed]
@@ -138,6 +171,9 @@ def main(argv=None):
             with open(path, "w") as f:
                 json.dump(results, f, indent=1)
     md = table(results, args.tasks, args.methods)
+    if args.lr_scales:
+        md += "\n\nAt each method's best learning rate (of ×" + ", ×".join(f"{x:g}" for x in args.lr_scales) + \
+              ", chosen on the holdout):\n\n" + best_lr_table(results, args.tasks, args.methods, args.lr_scales)
     print(md)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")

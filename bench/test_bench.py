@@ -328,3 +328,58 @@ def test_protect_state_survives_a_resume():
 def test_variant_options_validate(kw, msg):
     with pytest.raises(ValueError, match=msg):
         allocator(matrices(n=2), **kw)
+
+
+# -----------------------------------------------------------------------------
+# bench/dynamics.py: ΔW read back from each method's factors
+
+
+@pytest.mark.parametrize("method", ["flexlora", "lora", "adalora"])
+def test_dynamics_delta_weights_are_what_the_forward_adds(method):
+    import bench.dynamics as D
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    if method == "flexlora":
+        net = base
+        fl.inject(net, ["0", "2"], r=3, alpha=6)
+    else:
+        import peft
+
+        kind = peft.LoraConfig if method == "lora" else lambda **kw: peft.AdaLoraConfig(total_step=10, **kw)
+        net = peft.get_peft_model(base, kind(r=3, lora_alpha=6, target_modules=["0", "2"], init_lora_weights=False)
+                                  if method == "lora" else kind(init_r=3, lora_alpha=6, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n.endswith((".Lambda", "lora_E.default")):
+                p.normal_()  # λ = 0 at init would make every ΔW zero
+    x = torch.randn(4, 6, dtype=torch.float64)
+    linears = [m for m in net.modules() if isinstance(m, (fl.FlexLoRALinear, nn.Linear)) and hasattr(m, "weight")
+               or isinstance(m, fl.FlexLoRALinear)]
+    got = D.delta_weights(net, method)
+    assert len(got) == 2 and all(d.abs().sum() > 0 for d in got)
+    # the first layer's output with the adapter minus without it is x ΔWᵀ
+    first = fl.adapters(net)["0"] if method == "flexlora" else net.base_model.model[0]
+    W = first.base.weight if method == "flexlora" else first.base_layer.weight
+    assert torch.allclose(first(x) - x @ W.T - (first.base.bias if method == "flexlora" else first.base_layer.bias),
+                          x @ got[0].double().T, atol=1e-5)
+
+
+def test_quality_best_lr_is_chosen_on_the_holdout_not_on_dev(tmp_path, monkeypatch):
+    args = Q.get_args(["--minilm", "/m", "--lr_scales", "0.33", "1", "3"])
+    cmd = Q.command("stsb", "lora@3", 0, "out/x", args)
+    assert cmd[cmd.index("--lr_scale") + 1] == "3" and cmd[cmd.index("--holdout") + 1] == "400"
+    assert "--holdout" not in Q.command("stsb", "lora", 0, "out/x", args)  # the plain runs train on all
+    vision = Q.command("cifar100", "flexlora-paper@0.33", 0, "out/x", args)
+    assert vision[vision.index("--holdout") + 1] == "100" and vision[vision.index("--lambda_lr_ratio") + 1] == "1"
+
+    def fake_run(task, method, seed, args):  # ×3 is best on dev, ×1 on the holdout
+        dev, held = {"lora": (0.5, 0.5), "lora@0.33": (0.4, 0.4), "lora@1": (0.6, 0.7), "lora@3": (0.9, 0.6)}[method]
+        return {"final": {"pearson": dev + seed / 100, "holdout_pearson": held}, "counts": {"trainable": 1},
+                "wall_time_s": 1.0, "config": {"seed": seed}}
+    monkeypatch.setattr(Q, "run", fake_run)
+    Q.main(["--tasks", "stsb", "--methods", "lora", "--seeds", "0", "2", "--lr_scales", "0.33", "1", "3",
+            "--out", str(tmp_path)])
+    md = open(tmp_path / "results.md").read()
+    assert "| lora | 51.0 ± 1.4 |" in md  # the task's lr, trained on every example
+    assert "| lora | 61.0 ± 1.4 (lr ×1) |" in md  # chosen on the holdout: ×1, though ×3 has the best dev

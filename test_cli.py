@@ -1,0 +1,270 @@
+"""The training scripts' failure modes (issue 11): a user error is one line `error: ...` on stderr
+and exit code 2, before --output_dir is touched; no run is lost (--overwrite, a crash mid-checkpoint);
+a diverged run stops with exit code 1 and keeps its last good checkpoint; metrics.json says what ran.
+
+Run: python -m pytest -q test_cli.py   (offline, tiny models, well under a minute on 2 CPU cores)
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import flexlora
+import train_common as common
+import train_glue
+import train_vit
+from test_train import GLUE_TINY, VIT_TINY, read, write_glue, write_npz
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def user_error(main, argv, capsys, code=2):
+    """Run main(argv), expecting an exit with `code` and one line `error: ...`; return the message."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    msg = str(e.value)
+    assert "\n" not in msg and err.endswith(f"error: {msg}\n") and "Traceback" not in err
+    return msg
+
+
+def stopped_run(tmp_path, name="part", step=9):
+    """A GLUE smoke run interrupted after `step` steps: only its checkpoint/."""
+    out = str(tmp_path / name)
+    assert train_glue.main(GLUE_TINY + ["--output_dir", out, "--stop_after", str(step)]) is None
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command-line errors: one line, exit 2, nothing written
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--batch_size", "0"], "--batch_size 0: must be an integer >= 1"),  # was ZeroDivisionError
+    (["--max_train_samples", "0"], "--max_train_samples 0"),  # was IndexError
+    (["--r", "0"], "--r 0"), (["--epochs", "0"], "--epochs 0"),  # were tracebacks
+    (["--gamma", "nan"], "--gamma nan"),  # was blamed on the learning rate
+    (["--warmup_ratio", "2"], "--warmup_ratio 2.0"),  # was accepted
+    (["--lr", "inf"], "--lr inf"), (["--lora_dropout", "1"], "--lora_dropout 1.0"),
+    (["--log_every", "0"], "--log_every 0"), (["--seed", "-1"], "--seed -1"),
+    (["--r_max", "2"], "--r_max 2: must be >= --r (4)"), (["--target_modules", "a,,b"], "none empty"),
+    (["--method", "adalora", "--target_r", "9"], "--target_r 9"),
+    (["--model", "x"], "--smoke trains its own tiny model"),  # --smoke would ignore --model
+    (["--target_modules", "query_proj,foo"], "matches foo;"),  # names the one that is wrong
+    (["--holdout", "1000"], "--holdout 1000"),
+])
+def test_glue_flag_errors(tmp_path, capsys, flags, says):
+    out = tmp_path / "run"
+    assert says in user_error(train_glue.main, GLUE_TINY + flags + ["--output_dir", str(out)], capsys)
+    assert not out.exists()
+
+
+def test_vit_flag_errors(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert "--batch_size 0" in user_error(train_vit.main, VIT_TINY + ["--batch_size", "0", "--output_dir", out], capsys)
+    assert "--max_train_samples 0" in user_error(train_vit.main, VIT_TINY + ["--max_train_samples", "0"], capsys)
+    assert "drop --dataset" in user_error(train_vit.main, VIT_TINY + ["--dataset", "cifar10"], capsys)
+    assert "1000 training images" in user_error(train_vit.main, VIT_TINY + ["--vtab1k", "--output_dir", out], capsys)
+    assert not os.path.exists(out)
+
+
+def test_wrong_kind_of_model_or_data(tmp_path, capsys):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = str(tmp_path / "vit")  # a ViT folder given to the GLUE script: not a 130-line list of configs
+    ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64)).save_pretrained(vit)
+    glue = write_glue(tmp_path / "glue")
+    msg = user_error(train_glue.main, ["--task", "rte", "--model", vit, "--data_dir", glue], capsys)
+    assert msg.startswith(f"--model {vit}: AutoModelForSequenceClassification") and "ViTConfig" in msg
+    assert len(msg) < 400
+    # a .tsv as --data of the ViT script: not numpy's message about pickles
+    msg = user_error(train_vit.main, VIT_TINY + ["--data", str(tmp_path / "glue" / "RTE" / "train.tsv")], capsys)
+    assert "not a .npz archive" in msg and "pickle" not in msg
+    with open(tmp_path / "cut.npz", "wb") as f:  # a truncated archive
+        f.write(open(write_npz(tmp_path / "d.npz"), "rb").read()[:300])
+    assert "cut.npz" in user_error(train_vit.main, VIT_TINY + ["--data", str(tmp_path / "cut.npz")], capsys)
+    np.savez(tmp_path / "obj.npz", x_train=np.array([None]), y_train=np.zeros(1), x_test=np.zeros(1),
+             y_test=np.zeros(1))
+    assert "object arrays" in user_error(train_vit.main, VIT_TINY + ["--data", str(tmp_path / "obj.npz")], capsys)
+    # an output directory that is a file
+    (tmp_path / "f").write_text("")
+    for out in (tmp_path / "f", tmp_path / "f" / "run"):
+        assert "is a file" in user_error(train_glue.main, GLUE_TINY + ["--output_dir", str(out)], capsys)
+
+
+def test_offline_hub_fails_fast(tmp_path, capsys, monkeypatch):
+    # nothing answers at this endpoint (the test machines have no network to the Hub either)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    common._probe.cache_clear()
+    try:
+        tic = time.time()
+        msg = user_error(train_glue.main, ["--task", "rte", "--output_dir", str(tmp_path / "a")], capsys)
+        assert "GLUE rte" in msg and "--data_dir" in msg and "HF_HUB_OFFLINE=1" in msg
+        glue = write_glue(tmp_path / "glue")
+        msg = user_error(train_glue.main, ["--task", "rte", "--data_dir", glue, "--output_dir", str(tmp_path / "b")],
+                         capsys)
+        assert msg.startswith("--model microsoft/deberta-v3-base") and "HF_HUB_OFFLINE=1" in msg
+        msg = user_error(train_vit.main, ["--output_dir", str(tmp_path / "c")], capsys)
+        assert "--dataset cifar100" in msg and "HF_HUB_OFFLINE=1" in msg
+        assert time.time() - tic < 20  # the Hub client's retries took 23-46 s for each
+    finally:
+        common._probe.cache_clear()
+
+
+# -----------------------------------------------------------------------------
+# No run lost: --overwrite validates first and clears the whole run; a crash mid-checkpoint
+
+
+def fake_run(out):
+    os.makedirs(out / "checkpoint.old")
+    for f in ("metrics.json", "rank_history.json", "adapter.safetensors", "ranks.png", "rank_history.png"):
+        (out / f).write_text("old")
+    (out / "notes.txt").write_text("mine")  # not the run's: stays
+
+
+def test_overwrite_validates_first_then_clears_the_whole_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    fake_run(out)
+    before = sorted(os.listdir(out))
+    for bad in (["--r", "0"], ["--target_modules", "foo"], ["--model", str(tmp_path / "nope")]):
+        argv = (GLUE_TINY if bad[0] != "--model" else ["--task", "rte", "--data_dir", write_glue(tmp_path / "g")])
+        user_error(train_glue.main, argv + bad + ["--output_dir", str(out), "--overwrite"], capsys)
+        assert sorted(os.listdir(out)) == before and (out / "metrics.json").read_text() == "old"
+    # a valid run replaces all of the old one: a run stopped early has only its checkpoint
+    train_glue.main(GLUE_TINY + ["--output_dir", str(out), "--overwrite", "--stop_after", "3"])
+    assert sorted(os.listdir(out)) == ["checkpoint", "notes.txt"]
+
+
+def test_crash_between_the_checkpoint_renames(tmp_path, capsys):
+    part = stopped_run(tmp_path)
+    # the crash state: the old checkpoint renamed away, the new one complete or not in checkpoint.tmp
+    os.replace(os.path.join(part, "checkpoint"), os.path.join(part, "checkpoint.old"))
+    os.makedirs(os.path.join(part, "checkpoint.tmp"))
+    # a new run into the folder is refused (it would have deleted checkpoint.old at its first save)
+    msg = user_error(train_glue.main, GLUE_TINY + ["--output_dir", part], capsys)
+    assert "checkpoint.old" in msg and f"--resume {part}" in msg
+    assert os.path.isdir(os.path.join(part, "checkpoint.old"))
+    # --resume puts it back and finishes as the uninterrupted run
+    train_glue.main(["--resume", part])
+    assert "recovered" in capsys.readouterr().out
+    full = str(tmp_path / "full")
+    train_glue.main(GLUE_TINY + ["--output_dir", full])
+    assert read(full, "rank_history.json")["final"] == read(part, "rank_history.json")["final"]
+    assert sorted(os.listdir(part)) == sorted(os.listdir(full))  # no .old or .tmp left
+
+
+def test_resume_from_damaged_checkpoints(tmp_path, capsys):
+    part = stopped_run(tmp_path)
+    ckpt = lambda d, f: os.path.join(d, "checkpoint", f)
+
+    def damaged(name, f, data):
+        d = str(tmp_path / name)
+        shutil.copytree(part, d)
+        with open(ckpt(d, f), "wb") as fh:
+            fh.write(data)
+        return user_error(train_glue.main, ["--resume", d], capsys), d
+
+    adapter, state = (open(ckpt(part, f), "rb").read() for f in ("adapter.safetensors", "state.pt"))
+    msg, d = damaged("a", "adapter.safetensors", adapter[:len(adapter) // 2])  # truncated
+    assert ckpt(d, "adapter.safetensors") in msg and "--overwrite" in msg
+    for name, data in (("b", state[:len(state) // 2]), ("c", os.urandom(4096)), ("d", b"\x80\x02}q\x00.")):
+        msg, d = damaged(name, "state.pt", data)  # truncated, random bytes, a pickled empty dict
+        assert ckpt(d, "state.pt") in msg and "weights_only" not in msg
+    msg, d = damaged("e", "args.json", b'{"method": "flexlora", "r": ')
+    assert ckpt(d, "args.json") in msg and "unreadable" in msg
+    for name, data in (("f", b"[1, 2]"), ("g", b'{"method": "flexlora"}')):
+        assert "not a run's settings" in damaged(name, "args.json", data)[0]
+    lora = str(tmp_path / "lora")  # PEFT's adapter in the checkpoint, truncated
+    train_glue.main(GLUE_TINY + ["--method", "lora", "--output_dir", lora, "--stop_after", "3"])
+    with open(ckpt(lora, "adapter.safetensors"), "r+b") as fh:
+        fh.truncate(100)
+    assert ckpt(lora, "adapter.safetensors") in user_error(train_glue.main, ["--resume", lora], capsys)
+    # a GLUE run resumed by the ViT script
+    assert "unknown to this script" in user_error(train_vit.main, ["--resume", part], capsys)
+    assert "no such directory" in user_error(train_glue.main, ["--resume", str(tmp_path / "nope")], capsys)
+    # --stop_after at or below the checkpoint's step: was ignored, and the run went on to the end
+    assert "at step 9 already" in user_error(train_glue.main, ["--resume", part, "--stop_after", "5"], capsys)
+    assert not os.path.exists(os.path.join(part, "metrics.json"))
+
+
+# -----------------------------------------------------------------------------
+# Divergence: exit 1, nothing saved from the diverged model, the last good checkpoint kept
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")  # outside the allocation window (b0 0), a checkpoint at every step
+    msg = user_error(train_glue.main, GLUE_TINY + ["--lr", "1000", "--b0", "0", "--ckpt_every", "1",
+                                                   "--output_dir", out], capsys, code=1)
+    assert msg.startswith("training diverged") and "--lr" in msg
+    bad = int(re.search(r"at step (\d+)", msg)[1])
+    assert not any(os.path.exists(os.path.join(out, f)) for f in ("metrics.json", "adapter.safetensors"))
+    state = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=True)
+    assert state["step"] == bad - 1 and f"(step {bad - 1})" in msg
+    args = train_glue.get_args(GLUE_TINY)
+    model, _ = train_glue.load_model(args)
+    flexlora.inject(model, train_glue.TARGETS[0], r=4, alpha=8, trainable=["classifier", "pooler"])
+    flexlora.load_adapter(model, os.path.join(out, "checkpoint", "adapter.safetensors"))  # refuses non-finite
+    # inside the window: the allocator's check of λ ends it the same way (and no checkpoint yet)
+    msg = user_error(train_glue.main, GLUE_TINY + ["--lr", "1000", "--log_every", "100", "--output_dir",
+                                                   str(tmp_path / "b")], capsys, code=1)
+    assert "diverged" in msg and "no checkpoint" in msg
+
+
+# -----------------------------------------------------------------------------
+# A schedule that allows no allocation; metrics.json says what ran
+
+
+def test_a_schedule_without_allocations_is_fixed_or_refused(capsys):
+    # the issue's ViT run: T 32, t_w 3, t_f 16, Δ 10: b(13) = round(4 (3/13)³) = 0, no allocation
+    args = argparse.Namespace(t_w=3, t_f=16, delta=10, b0=4, schedule="cubic")
+    assert common.allocation_steps(args, 32) == []
+    common.fit_delta(args, 32)
+    assert args.delta < 10 and common.allocation_steps(args, 32) and "Δ lowered" in capsys.readouterr().out
+    # b0 1 in a 4-step window: b(t) is 0 everywhere whatever Δ: refused, unless --b0 0 says so
+    with pytest.raises(SystemExit, match="no rank allocation.*--b0 0") as e:
+        common.fit_delta(argparse.Namespace(t_w=2, t_f=2, delta=1, b0=1, schedule="cubic"), 8)
+    assert e.value.code == 2
+    common.fit_delta(argparse.Namespace(t_w=2, t_f=2, delta=1, b0=0, schedule="cubic"), 8)
+
+
+def test_metrics_record_what_ran(tmp_path, monkeypatch):
+    out = str(tmp_path / "vit")  # the issue's window in a 32-step smoke run
+    m = train_vit.main(VIT_TINY + ["--t_w", "3", "--t_f", "16", "--delta", "10", "--output_dir", out])
+    assert m["config"]["delta"] < 10 and m["allocation_stats"]["allocations"] >= 1
+    assert m["counts"]["planned_allocations"] >= m["allocation_stats"]["allocations"]
+    run = read(out, "metrics.json")["run"]
+    assert run["model"].startswith("smoke: a tiny random ViT") and run["data"].startswith("smoke")
+    assert m["config"]["model"] is None and m["config"]["dataset"] is None  # not vit-base / cifar100
+    assert run["train_examples"] == 256 and run["versions"]["torch"] == torch.__version__
+    assert run["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", run["git_commit"])
+    import peft
+    import transformers
+
+    assert run["versions"]["transformers"] == transformers.__version__ and run["versions"]["peft"] == peft.__version__
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git: None, never a failure
+    assert common.provenance()["git_commit"] is None
+    # GLUE, from local TSVs
+    glue = write_glue(tmp_path / "glue", n=24)
+    out = str(tmp_path / "glue_run")
+    m = train_glue.main(["--smoke", "--task", "rte", "--data_dir", glue, "--epochs", "2", "--batch_size", "8",
+                         "--t_w", "1", "--t_f", "2", "--delta", "1", "--output_dir", out])
+    assert m["run"]["model"].startswith("smoke: a tiny random DeBERTa") and m["config"]["model"] is None
+    assert m["run"]["data"] == f"GLUE TSVs in {os.path.abspath(glue)}"

@@ -119,19 +119,20 @@ def rank_pattern(model: nn.Module) -> dict:
     return {name: layer.r for name, layer in adapters(model).items()}
 
 
-def param_groups(model: nn.Module, lr: float, lambda_lr_ratio: float = 1.0) -> list:
-    """Optimizer groups: every λ at lambda_lr_ratio · lr, the rest at lr (allocations keep this), e.g.
-    torch.optim.AdamW(param_groups(model, 1e-3, lambda_lr_ratio=16)). Deviation (ours; the paper trains
-    λ like P and Q): Adam moves each parameter ~lr per step, and ΔW's size sits in the r values of λ,
-    not in the d_out·r entries of LoRA's B: at one lr, ΔW grows ~√d_out times slower (bench/dynamics.py)."""
-    lr, ratio = _positive("lr", lr), _positive("lambda_lr_ratio", lambda_lr_ratio)
-    lams = {id(m.Lambda) for m in adapters(model).values()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if ratio == 1:  # the paper: one group
-        return [{"params": trainable, "lr": lr}]
-    groups = [{"params": [p for p in trainable if id(p) not in lams], "lr": lr},
-              {"params": [p for p in trainable if id(p) in lams], "lr": lr * ratio}]
-    return [g for g in groups if g["params"]]
+def param_groups(model: nn.Module, lr: float, lambda_lr_ratio: float = 1.0, pq_lr_ratio: float = 1.0):
+    """Optimizer groups: λ at lambda_lr_ratio · lr, P and Q at pq_lr_ratio · lr, the rest (a head) at lr;
+    allocations keep new factors in their group. Deviation (ours; the paper uses one lr): under Adam ΔW
+    grows ~15x more slowly than LoRA's at one lr (README, Deviations; bench/dynamics.py)."""
+    for name, v in (("lr", lr), ("lambda_lr_ratio", lambda_lr_ratio), ("pq_lr_ratio", pq_lr_ratio)):
+        _positive(name, v)
+    rate = {}  # id(parameter) -> its multiple of lr
+    for m in adapters(model).values():
+        rate |= {id(m.P): pq_lr_ratio, id(m.Lambda): lambda_lr_ratio, id(m.Q): pq_lr_ratio}
+    groups = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault(rate.get(id(p), 1.0), []).append(p)
+    return [{"params": params, "lr": lr * k} for k, params in groups.items()]
 
 
 # -----------------------------------------------------------------------------

@@ -132,9 +132,10 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, monkeypatc
         r0, r1 = (load_file(os.path.join(two, f"rank{r}.safetensors")) for r in (0, 1))
         assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
         # one process, the whole batch: float rounding differs (each process pads and sums its own
-        # part of the batch), ~1e-7 after 16 Adam steps
+        # part of the batch); after 16 Adam steps at the smoke run's lr 3e-2 (λ at 16x, P and Q at
+        # 3x) that is up to ~1e-5 in a weight of size ~1
         train_glue.main(TINY + HOLDOUT + ["--method", method, "--output_dir", one])
-        assert_same_run(one, two, atol=1e-6, rtol=1e-5)  # the holdout split too: seeded alike on every rank
+        assert_same_run(one, two, atol=1e-4, rtol=1e-3)  # the holdout split too: seeded alike on every rank
         assert "holdout_mcc" in read(two, "metrics.json")["final"]
     # the built-in check stops every process when the replicas differ by as little as one float step
     for rank in (0, 1):

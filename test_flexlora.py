@@ -347,9 +347,12 @@ def test_lambda_keeps_its_learning_rate_over_hundreds_of_resizes():
     assert ids(others["params"]) == ids(p for m in fl.adapters(model).values() for p in (m.P, m.Q))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert fl.param_groups(model, lr=1e-3) == [{"params": trainable, "lr": 1e-3}]  # the paper: one group
+    three = fl.param_groups(model, lr=1e-3, lambda_lr_ratio=16, pq_lr_ratio=3)
+    assert [(g["lr"], len(g["params"])) for g in three] == [(pytest.approx(3e-3), 10), (pytest.approx(16e-3), 5)]
 
 
-@pytest.mark.parametrize("kw", [dict(lr=0), dict(lr=float("nan")), dict(lr=1e-3, lambda_lr_ratio=-1)])
+@pytest.mark.parametrize("kw", [dict(lr=0), dict(lr=float("nan")), dict(lr=1e-3, lambda_lr_ratio=-1),
+                                dict(lr=1e-3, pq_lr_ratio=float("inf"))])
 def test_param_groups_validates(kw):
     with pytest.raises(ValueError, match="must be a finite number > 0"):
         fl.param_groups(matrices(), **kw)

@@ -442,3 +442,18 @@ def test_docs_snippets(tmp_path, monkeypatch):
     with torch.no_grad():
         assert rel_err(served.eval()(x).logits, ns["model"].eval()(x).logits) <= 1e-10
 
+
+
+def test_trainer_with_flexlora_param_groups_keeps_the_lr_ratios(tmp_path):
+    # the training-speed ratios (λ 16x, P and Q 3x the lr) through Trainer(optimizers=...)
+    model = bert_for_trainer()
+    callback = FlexLoRACallback(model, gamma=GAMMA, **ALLOC)
+    optimizer = torch.optim.AdamW(fl.param_groups(model, lr=LR, lambda_lr_ratio=16, pq_lr_ratio=3))
+    args = trainer(model, tmp_path / "ratios", []).args
+    Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[callback],
+            optimizers=(optimizer, None)).train()
+    assert callback.allocator.history  # allocations happened and re-pointed this optimizer
+    peak = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert peak[id(model.classifier.weight)] == LR
+    for layer in fl.adapters(model).values():  # the new λ, P and Q too
+        assert peak[id(layer.Lambda)] == pytest.approx(16 * LR) and peak[id(layer.P)] == pytest.approx(3 * LR)

@@ -177,7 +177,7 @@ def test_resume_adalora(tmp_path):
 def method_args(method, r=4):
     return argparse.Namespace(method=method, r=r, alpha=8.0, lora_dropout=0.0, b0=2, t_w=2, t_f=4, delta=1,
                               r_min=1, r_max=None, seed=0, schedule="cubic", gamma=0.05, target_r=None,
-                              init="gaussian")
+                              init="gaussian", lambda_lr_ratio=16.0, pq_lr_ratio=3.0)
 
 
 @pytest.mark.parametrize("r", [4, 12])
@@ -464,15 +464,15 @@ def test_lambda_trains_at_its_ratio_of_the_learning_rate():
         flexlora.inject(net, ["fc"], r=2, alpha=4, trainable=["norm", "head"])
         args = train_glue.get_args(["--task", "rte", "--weight_decay", "0.1", *flags])
         groups = common.build_optimizer(net, args).param_groups
-        lam = net.fc.Lambda
-        return {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}, \
-            [g["lr"] for g in groups if any(p is lam for p in g["params"])]
-    groups, lam_lr = optimizer()  # the default: λ at LAMBDA_LR_RATIO × RTE's 1.2e-3
-    assert lam_lr == [pytest.approx(common.LAMBDA_LR_RATIO * 1.2e-3)]
-    # P, Q and the head's weight decay; its bias and the norm's two parameters do not; λ on its own
-    assert groups == {(1.2e-3, 0.1): 3, (1.2e-3, 0.0): 3, (common.LAMBDA_LR_RATIO * 1.2e-3, 0.1): 1}
-    groups, lam_lr = optimizer("--lambda_lr_ratio", "1")  # the paper: one learning rate
-    assert lam_lr == [pytest.approx(1.2e-3)] and groups == {(1.2e-3, 0.1): 4, (1.2e-3, 0.0): 3}
+        lr_of = lambda p: [g["lr"] for g in groups if any(q is p for q in g["params"])]
+        return {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}, lr_of(net.fc.Lambda), lr_of(net.fc.P)
+    lr, lam, pq = 1.2e-3, common.LAMBDA_LR_RATIO * 1.2e-3, common.PQ_LR_RATIO * 1.2e-3  # RTE's lr
+    groups, lam_lr, p_lr = optimizer()  # the default: λ and P, Q at their ratios of the lr
+    assert lam_lr == [pytest.approx(lam)] and p_lr == [pytest.approx(pq)]
+    # P, Q and the head's weight decay; its bias and the norm's two parameters do not
+    assert groups == {(pq, 0.1): 2, (lam, 0.1): 1, (lr, 0.1): 1, (lr, 0.0): 3}
+    groups, lam_lr, _ = optimizer("--lambda_lr_ratio", "1", "--pq_lr_ratio", "1")  # the paper: one lr
+    assert lam_lr == [pytest.approx(lr)] and groups == {(lr, 0.1): 4, (lr, 0.0): 3}
 
 
 def test_holdout_is_kept_out_of_training_and_scored(tmp_path):

@@ -78,8 +78,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     pass  # --help: the docstring as written, and every flag's default
 
 
-# FlexLoRA's λ trains at this multiple of the learning rate (flexlora.param_groups; bench/README.md)
-LAMBDA_LR_RATIO = 16.0
+# FlexLoRA's λ, and its P and Q, train at these multiples of the learning rate (flexlora.param_groups)
+LAMBDA_LR_RATIO, PQ_LR_RATIO = 16.0, 3.0
 
 
 def add_common_args(parser):
@@ -111,6 +111,8 @@ def add_common_args(parser):
                    help="P and Q at start: N(0, 0.02²) entries (the paper), or orthonormal")
     g.add_argument("--lambda_lr_ratio", type=float, default=LAMBDA_LR_RATIO,
                    help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups)")
+    g.add_argument("--pq_lr_ratio", type=float, default=PQ_LR_RATIO,
+                   help="FlexLoRA: P's and Q's learning rate / --lr (1: the paper)")
     g.add_argument("--lr_scale", type=float, default=1.0,
                    help="multiplies the peak learning rate (--lr or the task's default)")
     g.add_argument("--weight_decay", type=float, help="AdamW decay (not on biases and norms)")
@@ -166,7 +168,7 @@ def check_args(args):
         need(flag, lambda v: is_int(v) and v >= lo, f"an integer >= {lo}")
     for flag, lo in (("t_w", 0), ("t_f", 0), ("delta", 1), ("r_max", 1), ("target_r", 1)):  # None: default
         need(flag, lambda v: v is None or is_int(v) and v >= lo, f"an integer >= {lo}")
-    for flag in ("alpha", "lr", "lr_scale", "lambda_lr_ratio"):
+    for flag in ("alpha", "lr", "lr_scale", "lambda_lr_ratio", "pq_lr_ratio"):
         need(flag, lambda v: is_num(v) and v > 0, "a finite number > 0")
     for flag in ("gamma", "weight_decay", "max_grad_norm"):
         need(flag, lambda v: is_num(v) and v >= 0, "a finite number >= 0 (0: off)")
@@ -688,10 +690,10 @@ def gamma_at(args, t):
 
 
 def build_optimizer(net, args):
-    # AdamW; FlexLoRA's λ at --lambda_lr_ratio × lr; no decay on biases and norms (as HF's Trainer)
+    # AdamW; FlexLoRA's λ, P, Q at their --*_lr_ratio × lr; no decay on biases and norms (as HF's Trainer)
     no_decay = {id(p) for n, p in net.named_parameters() if "bias" in n or "norm" in n.lower()}
     groups = []
-    for g in flexlora.param_groups(net, args.lr * args.lr_scale, args.lambda_lr_ratio):
+    for g in flexlora.param_groups(net, args.lr * args.lr_scale, args.lambda_lr_ratio, args.pq_lr_ratio):
         for decay in (True, False):
             params = [p for p in g["params"] if (id(p) not in no_decay) == decay]
             groups.append(dict(g, params=params, weight_decay=args.weight_decay if decay else 0.0))

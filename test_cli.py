@@ -6,7 +6,6 @@ Run: python -m pytest -q test_cli.py   (offline, tiny models, well under a minut
 """
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -21,14 +20,6 @@ import train_common as common
 import train_glue
 import train_vit
 from test_train import GLUE_TINY, VIT_TINY, read, write_glue, write_npz
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def user_error(main, argv, capsys, code=2):

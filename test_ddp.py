@@ -64,14 +64,6 @@ for method in %r:
 """ % (METHODS,)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def torchrun(script, args, nproc=2, ok=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

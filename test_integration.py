@@ -34,15 +34,6 @@ BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and other jobs may share the CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_bert(layers=2, hidden=16, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers,

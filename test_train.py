@@ -26,15 +26,6 @@ VIT_TINY = ["--smoke", "--epochs", "2", "--t_w", "4", "--t_f", "8", "--delta", "
 OUTPUTS = ["metrics.json", "rank_history.json", "adapter.safetensors", "ranks.png", "rank_history.png"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and other jobs may share the CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def read(run_dir, name):
     with open(os.path.join(run_dir, name)) as f:
         return json.load(f)

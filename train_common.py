@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 import flexlora
 import flexlora_hf

@@ -354,8 +354,6 @@ def test_dynamics_delta_weights_are_what_the_forward_adds(method):
             if n.endswith((".Lambda", "lora_E.default")):
                 p.normal_()  # λ = 0 at init would make every ΔW zero
     x = torch.randn(4, 6, dtype=torch.float64)
-    linears = [m for m in net.modules() if isinstance(m, (fl.FlexLoRALinear, nn.Linear)) and hasattr(m, "weight")
-               or isinstance(m, fl.FlexLoRALinear)]
     got = D.delta_weights(net, method)
     assert len(got) == 2 and all(d.abs().sum() > 0 for d in got)
     # the first layer's output with the adapter minus without it is x ΔWᵀ

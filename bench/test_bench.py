@@ -217,13 +217,7 @@ def test_quality_table_mean_and_std_over_seeds():
 # bench/alloc.py: variants of the allocation rule (VariantAllocator; its defaults are the paper's)
 
 
-def set_lambda(layer, values):
-    """Give an adapter exactly these λ (resizing P and Q with fresh random directions)."""
-    values = torch.as_tensor(values, dtype=layer.P.dtype)
-    r, (d_out, d_in) = len(values), (layer.P.shape[0], layer.Q.shape[1])
-    layer.P = nn.Parameter(torch.randn(d_out, r, dtype=layer.P.dtype) * 0.3)
-    layer.Q = nn.Parameter(torch.randn(r, d_in, dtype=layer.Q.dtype) * 0.3)
-    layer.Lambda = nn.Parameter(values.clone())
+from test_flexlora import set_lambda  # noqa: E402  (gives an adapter exactly these λ)
 
 
 def matrices(n, d=8, r=3):

@@ -79,8 +79,7 @@ class FlexLoRACallback(TrainerCallback):
     """
 
     def __init__(self, model: nn.Module, gamma: float, **allocator_kwargs):
-        if not flexlora.adapters(model):
-            raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
+        flexlora.adapters(model, required=True)
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma!r}")
         # a bad setting fails here, not at train begin (total_steps is not known before then)
@@ -195,9 +194,7 @@ def export_peft(model: nn.Module, out_dir: str, **config_kwargs):
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    layers = flexlora.adapters(model)
-    if not layers:
-        raise ValueError("the model has no FlexLoRA adapters: call flexlora.inject() first")
+    layers = flexlora.adapters(model, required=True)
     if any(m.merged for m in layers.values()):
         raise ValueError("an adapter is merged: call flexlora.unmerge(model) before export_peft")
     dropouts = {m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0 for m in layers.values()}

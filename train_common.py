@@ -945,7 +945,9 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
             line = f"step {t} | loss {loss_sum.item() / n_logged:.4f}"
             if orth is not None:
                 line += f" | orth {orth_sum.item() / n_logged:.4f} | b(t) {method.budget(t)}"
-            line += f" | rank {sum(method.ranks().values())} | lr {scheduler.get_last_lr()[0]:.1e}"
+            g = optimizer.param_groups[0]  # the schedule's lr (λ, P and Q train at their multiples of it)
+            lr_now = args.lr * args.lr_scale * g["lr"] / g["initial_lr"]
+            line += f" | rank {sum(method.ranks().values())} | lr {lr_now:.1e}"
             pbar.write(line + f" | {ms:.0f} ms/step")
             stop_if_diverged(t, weights=False)
             loss_sum.zero_(), orth_sum.zero_()

@@ -119,10 +119,24 @@ def best_lr_table(results, tasks, methods, scales):
     return "\n".join(lines)
 
 
+def method_name(s):
+    """argparse type: a method, or METHOD@K for it at K times the task's learning rate."""
+    method, at, scale = s.partition("@")
+    try:
+        ok = method in {**METHODS, **EXTRA} and (not at or float(scale) > 0)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{s!r}: choose from {', '.join(list(METHODS) + list(EXTRA))}, "
+                                         f"optionally @K with K > 0 (e.g. lora@0.33)")
+    return s
+
+
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=CPU_TASKS, choices=list(TEXT) + list(VISION))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + list(EXTRA))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), type=method_name,
+                    help=f"{', '.join(list(METHODS) + list(EXTRA))}; METHOD@K: at K x the task's lr, with --holdout")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--full", action="store_true", help="the paper's settings: whole training sets (GPU)")
     ap.add_argument("--epochs", type=int, help="epochs of every run (default: the size's, see TEXT, VISION)")

@@ -375,3 +375,10 @@ def test_quality_best_lr_is_chosen_on_the_holdout_not_on_dev(tmp_path, monkeypat
     md = open(tmp_path / "results.md").read()
     assert "| lora | 51.0 ± 1.4 |" in md  # the task's lr, trained on every example
     assert "| lora | 61.0 ± 1.4 (lr ×1) |" in md  # chosen on the holdout: ×1, though ×3 has the best dev
+
+
+def test_quality_methods_take_a_learning_rate_multiple():
+    assert Q.get_args(["--methods", "lora@0.33", "flexlora"]).methods == ["lora@0.33", "flexlora"]
+    for bad in ("bogus", "lora@x", "lora@0", "lora@-1"):
+        with pytest.raises(SystemExit):
+            Q.get_args(["--methods", bad])

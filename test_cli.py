@@ -1,4 +1,4 @@
-"""The training scripts' failure modes (issue 11): a user error is one line `error: ...` on stderr
+"""The training scripts' failure modes: a user error is one line `error: ...` on stderr
 and exit code 2, before --output_dir is touched; no run is lost (--overwrite, a crash mid-checkpoint);
 a diverged run stops with exit code 1 and keeps its last good checkpoint; metrics.json says what ran.
 

@@ -913,7 +913,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         orth = method.regularizer()  # FlexLoRA's R
         if orth is not None:
             orth_sum += orth.detach()
-            loss = loss + gamma_at(args, step + 1) * orth  # the paper's loss: task + γ·R
+            loss = loss + gamma_at(args, t) * orth  # the paper's loss: task + γ·R
         loss.backward()
         params = [p for g in optimizer.param_groups for p in g["params"]]  # current objects
         if WORLD_SIZE > 1:

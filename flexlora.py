@@ -14,6 +14,7 @@ paper or the authors' code are marked "Deviation"; every function checks its arg
 import functools
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -33,14 +34,14 @@ def _need(ok: bool, msg: str):  # a user error gets one clear message saying wha
         raise ValueError(msg)
 
 
-def _int(name: str, v, lo: int) -> int:  # an int (not a bool, 2.0 or "2") >= lo
-    ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo
+def _int(name: str, v, lo: int) -> int:  # an int or numpy int (not a bool, 2.0 or "2") >= lo
+    ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
     _need(ok, f"{name} must be an integer >= {lo}, got {v!r}")
-    return v
+    return int(v)
 
 
-def _positive(name: str, v) -> float:  # a finite int or float > 0 (not a bool, NaN or "16")
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+def _positive(name: str, v) -> float:  # a finite real > 0, numpy's too (not a bool, NaN or "16")
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf
     _need(ok, f"{name} must be a finite number > 0, got {v!r}")
     return float(v)
 
@@ -59,7 +60,7 @@ class FlexLoRALinear(nn.Module):
         super().__init__()
         _need(isinstance(base, nn.Linear), f"FlexLoRALinear wraps an nn.Linear, got {type(base).__name__}")
         r, alpha = _int("r", r, 1), _positive("alpha", alpha)
-        _need(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
+        _need(isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout < 1,
               f"dropout must be in [0, 1): {dropout!r}")
         self.base = base.requires_grad_(False)  # W and c stay frozen
         self.r_init, self.alpha, self.scaling = r, alpha, alpha / r  # s = alpha / r_init, fixed for life
@@ -123,15 +124,14 @@ def param_groups(model: nn.Module, lr: float, lambda_lr_ratio: float = 1.0, pq_l
     """Optimizer groups: λ at lambda_lr_ratio · lr, P and Q at pq_lr_ratio · lr, the rest (a head) at lr;
     allocations keep new factors in their group. Deviation (ours; the paper uses one lr): under Adam ΔW
     grows ~15x more slowly than LoRA's at one lr (README, Deviations; bench/dynamics.py)."""
-    for name, v in (("lr", lr), ("lambda_lr_ratio", lambda_lr_ratio), ("pq_lr_ratio", pq_lr_ratio)):
-        _positive(name, v)
+    lr, lambda_lr_ratio, pq_lr_ratio = (_positive(name, v) for name, v in (
+        ("lr", lr), ("lambda_lr_ratio", lambda_lr_ratio), ("pq_lr_ratio", pq_lr_ratio)))
     rate = {}  # id(parameter) -> its multiple of lr
     for m in adapters(model).values():
         rate |= {id(m.P): pq_lr_ratio, id(m.Lambda): lambda_lr_ratio, id(m.Q): pq_lr_ratio}
     groups = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups.setdefault(rate.get(id(p), 1.0), []).append(p)
+    for p in filter(lambda p: p.requires_grad, model.parameters()):
+        groups.setdefault(rate.get(id(p), 1.0), []).append(p)
     return [{"params": params, "lr": lr * k} for k, params in groups.items()]
 
 
@@ -306,6 +306,7 @@ class RankAllocator:
     def __init__(self, model: nn.Module, b0: int, t_warmup: int, t_final: int, total_steps: int,
                  interval: int, r_min: int = 1, r_max: int = None, seed: int = 0, schedule: str = "cubic"):
         budget(0, b0, t_warmup, t_final, total_steps, schedule)  # checks the schedule's arguments
+        b0, t_warmup, t_final, total_steps = int(b0), int(t_warmup), int(t_final), int(total_steps)  # numpy's too
         interval, r_min, seed = _int("interval", interval, 1), _int("r_min", r_min, 1), _int("seed", seed, 0)
         r_max = None if r_max is None else _int("r_max (None: no cap)", r_max, r_min)
         self.model, self.layers = model, adapters(model, required=True)
@@ -395,8 +396,7 @@ class RankAllocator:
         _need(ranks == rank_pattern(self.model), "saved for other ranks: load_adapter() its checkpoint first")
         self.generator.set_state(d["generator"])
         self.history = list(d["history"])
-        # checkpoints written before last_step was kept: the last allocation's step
-        self.last_step = d.get("last_step", d["history"][-1]["step"] if d["history"] else 0)
+        self.last_step = d.get("last_step", d["history"][-1]["step"] if d["history"] else 0)  # (or older files)
 
 
 # -----------------------------------------------------------------------------

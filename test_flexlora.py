@@ -10,6 +10,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -996,6 +997,22 @@ def test_inject_checks_everything_before_changing_the_model(kw, msg):
     with pytest.raises(ValueError, match=msg):
         fl.inject(model, **dict(target_modules=r"mats\.\d+", r=2, alpha=4, trainable=["head"]) | kw)
     assert_unchanged(model, snap)
+
+
+def test_numpy_scalars_are_numbers(tmp_path):
+    # a sweep's np.arange / np.float64 values: accepted, and kept as Python numbers (JSON-safe)
+    model = Matrices(3, 8)
+    fl.inject(model, r"mats\.\d+", r=np.int64(3), alpha=np.float32(6), dropout=np.float64(0.0))
+    layer = fl.adapters(model)["mats.0"]
+    assert (layer.r, layer.r_init, layer.scaling) == (3, 3, 2.0) and type(layer.r_init) is int
+    groups = fl.param_groups(model, lr=np.float64(1e-3), lambda_lr_ratio=np.int64(16))
+    assert sorted(g["lr"] for g in groups) == [1e-3, 16e-3] and all(type(g["lr"]) is float for g in groups)
+    alloc = fl.RankAllocator(model, b0=np.int64(1), t_warmup=np.int64(2), t_final=np.int32(2),
+                             total_steps=np.int64(20), interval=np.int64(2), seed=np.uint8(1))
+    json.dumps(alloc.state_dict()["config"])  # a checkpoint's metadata
+    fl.save_adapter(model, str(tmp_path / "a.safetensors"))
+    with pytest.raises(ValueError, match="r must"):
+        fl.inject(Matrices(3, 8), r"mats\.\d+", r=np.bool_(True), alpha=1)
 
 
 def test_a_model_must_be_a_module():

@@ -786,11 +786,12 @@ def predict(net, dataset, collate, args):
         with autocast(args, device):
             logits.append(net(**batch).logits.float().cpu())
     net.train()
-    logits, labels = torch.cat(logits).numpy(), torch.cat(labels).numpy()
-    if WORLD_SIZE > 1:  # the slices, in order
+    mine = (torch.cat(logits).numpy(), torch.cat(labels).numpy()) if logits else None  # None: no example here
+    parts = [mine]
+    if WORLD_SIZE > 1:  # every rank's slice, in order (a set smaller than the world leaves some empty)
         parts = [None] * WORLD_SIZE
-        dist.all_gather_object(parts, (logits, labels))
-        logits, labels = (np.concatenate(x) for x in zip(*parts))
+        dist.all_gather_object(parts, mine)
+    logits, labels = (np.concatenate(x) for x in zip(*(p for p in parts if p is not None)))
     if not np.isfinite(logits).all():  # a metric would count them as some class: no score at all
         raise FloatingPointError("the model's outputs are non-finite")  # (on every rank alike)
     return logits, labels

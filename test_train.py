@@ -131,6 +131,28 @@ def test_resume_gives_the_same_run(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    save, calls = common.save_checkpoint, []
+
+    def interrupted_at_the_second_checkpoint(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        save(*a)
+
+    monkeypatch.setattr(common, "save_checkpoint", interrupted_at_the_second_checkpoint)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train_glue.main(GLUE_TINY + ["--output_dir", out, "--ckpt_every", "4"])
+    assert e.value.code == 130 and f"interrupted: continue from its last checkpoint with --resume {out}" in str(e.value)
+    assert capsys.readouterr().err.strip().endswith(str(e.value))  # the one line it prints
+    calls[:] = [1, 1]  # no more interruptions
+    assert train_glue.main(["--resume", out])["final"]  # it continues from step 4 to the end
+    calls[:] = [1]  # interrupted at the first checkpoint: nothing to continue from
+    with pytest.raises(SystemExit, match="interrupted: it had written no checkpoint yet"):
+        train_glue.main(GLUE_TINY + ["--output_dir", str(tmp_path / "early"), "--ckpt_every", "4"])
+
+
 def test_resume_adalora(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     args = GLUE_TINY + ["--method", "adalora"]

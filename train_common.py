@@ -69,6 +69,19 @@ def user_errors():
         die(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
+@contextmanager
+def resumable(args):
+    """Ctrl-C (KeyboardInterrupt) during a run: one line saying how to continue it, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        ckpt = os.path.join(args.output_dir, "checkpoint")
+        how = (f"continue from its last checkpoint with --resume {args.output_dir}"
+               if os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old") else
+               "it had written no checkpoint yet (--ckpt_every sets how often it does)")
+        die(f"interrupted: {how}", code=130)
+
+
 # -----------------------------------------------------------------------------
 # Flags shared by both scripts (each script adds its # data and # model groups and its defaults)
 

@@ -366,8 +366,9 @@ def main(argv=None):
                         f"{model.config.hidden_size})" if args.smoke else common.where(args.model),
                   data=f"GLUE TSVs in {os.path.abspath(args.data_dir)}" if args.data_dir else
                   "smoke: built-in sentences with marker words" if args.smoke else f"Hub: nyu-mll/glue {args.task}")
-    return common.train(args, model, train_set, collate, evaluate, targets, heads, source=source,
-                        processor=tokenizer)
+    with common.resumable(args):  # Ctrl-C: how to continue, not a traceback
+        return common.train(args, model, train_set, collate, evaluate, targets, heads, source=source,
+                            processor=tokenizer)
 
 
 if __name__ == "__main__":

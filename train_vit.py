@@ -322,8 +322,9 @@ def main(argv=None):
                         f"{c.image_size}x{c.image_size} images)" if args.smoke else common.where(args.model),
                   data=os.path.abspath(args.data) if args.data else "smoke: built-in coloured squares on noise"
                   if args.smoke else f"Hub: {HUB.get(args.dataset, (args.dataset,))[0]}")
-    return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"], "accuracy", source,
-                        processor=processor)
+    with common.resumable(args):  # Ctrl-C: how to continue, not a traceback
+        return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"], "accuracy", source,
+                            processor=processor)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,42 @@ def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, capsys):
         train_glue.main(GLUE_TINY + ["--output_dir", str(tmp_path / "early"), "--ckpt_every", "4"])
 
 
+def test_ctrl_c_before_the_run_starts_leaves_the_old_run(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    train_glue.main(GLUE_TINY + ["--output_dir", out, "--stop_after", "4"])
+    before = read(out, "checkpoint/args.json")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "start_run", interrupted)  # Ctrl-C while the new run is still loading
+    with pytest.raises(SystemExit) as e:
+        train_glue.main(GLUE_TINY + ["--output_dir", out, "--overwrite"])
+    assert e.value.code == 130 and f"interrupted before the run started: --output_dir {out} is as it was" in str(e.value)
+    assert read(out, "checkpoint/args.json") == before  # --resume out still continues the old run
+
+
+def test_checkpoint_write_failure_keeps_the_last(tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def disk_full_at_the_second_checkpoint(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train_glue.main(GLUE_TINY + ["--output_dir", out, "--ckpt_every", "4"])
+    assert e.value.code == 1 and str(e.value) == (f"could not write a checkpoint in {out} (No space left on device): "
+                                                  f"make room, then continue from its last checkpoint with --resume {out}")
+    assert sorted(os.listdir(out)) == ["checkpoint"]  # no checkpoint.tmp left behind
+    assert torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=True)["step"] == 4
+    monkeypatch.setattr(torch, "save", save)
+    assert train_glue.main(["--resume", out])["final"]  # it continues from step 4 to the end
+
+
 def test_resume_adalora(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     args = GLUE_TINY + ["--method", "adalora"]

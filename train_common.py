@@ -75,6 +75,8 @@ def resumable(args):
     try:
         yield
     except KeyboardInterrupt:
+        if args.overwrite and not args.resume and not STARTED:  # the old run in it is still whole
+            die(f"interrupted before the run started: --output_dir {args.output_dir} is as it was", code=130)
         ckpt = os.path.join(args.output_dir, "checkpoint")
         how = (f"continue from its last checkpoint with --resume {args.output_dir}"
                if os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old") else
@@ -208,10 +210,15 @@ def recover_checkpoint(out_dir):
         print(f"note: recovered {ckpt} from {ckpt}.old (a run stopped while saving its checkpoint)")
 
 
+STARTED = False  # has start_run() touched --output_dir? (before it, Ctrl-C leaves an old run whole)
+
+
 def prepare_output_dir(args, name, check=check_args):
     """Pick the run directory (--resume: and the run's own settings), check the arguments with
     check(args), and refuse to go near another run unless asked to. Deletes nothing: start_run()
     clears an --overwrite'n run once the new one has loaded without an error."""
+    global STARTED
+    STARTED = False
     if args.resume:
         if not os.path.isdir(args.resume):
             die(f"--resume {args.resume}: no such directory")
@@ -257,6 +264,8 @@ def prepare_output_dir(args, name, check=check_args):
 def start_run(args):
     """Once the run has loaded without an error: create --output_dir, after clearing (--overwrite)
     every file of the old run in it, so that nothing stale is mixed in. Other files stay."""
+    global STARTED
+    STARTED = True
     if not args.resume:
         for f in RUN_FILES:
             path = os.path.join(args.output_dir, f)
@@ -725,14 +734,21 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
     tmp, old = out + ".tmp", out + ".old"
     recover_checkpoint(args.output_dir)  # checkpoint.old alone is the last checkpoint: never delete it
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    method.save_weights(os.path.join(tmp, "adapter.safetensors"))
     state = dict(state, **method.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    try:
+        os.makedirs(tmp)
+        method.save_weights(os.path.join(tmp, "adapter.safetensors"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save says RuntimeError): the last checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (f"continue from its last checkpoint with --resume {args.output_dir}" if os.path.isdir(out)
+                else "start it again with --overwrite")
+        why = getattr(e, "strerror", None) or str(e).strip()[:200]
+        die(f"could not write a checkpoint in {args.output_dir} ({why}): make room, then {last}", code=1)
     # the swap: a crash between the two renames leaves checkpoint.old, which recover_checkpoint() puts back
     if os.path.exists(out):
         os.replace(out, old)

@@ -168,20 +168,24 @@ def test_ctrl_c_before_the_run_starts_leaves_the_old_run(tmp_path, monkeypatch):
     assert read(out, "checkpoint/args.json") == before  # --resume out still continues the old run
 
 
-def test_checkpoint_write_failure_keeps_the_last(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, why", [
+    (OSError(28, "No space left on device"), "No space left on device"),  # open(), safetensors
+    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),  # torch.save's zip writer
+     "PytorchStreamWriter failed writing file data/0: file write failed")])
+def test_checkpoint_write_failure_keeps_the_last(tmp_path, monkeypatch, error, why):
     save, calls = torch.save, []
 
     def disk_full_at_the_second_checkpoint(obj, f, *a, **k):
         calls.append(1)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
+            raise error
         save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", disk_full_at_the_second_checkpoint)
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit) as e:
         train_glue.main(GLUE_TINY + ["--output_dir", out, "--ckpt_every", "4"])
-    assert e.value.code == 1 and str(e.value) == (f"could not write a checkpoint in {out} (No space left on device): "
+    assert e.value.code == 1 and str(e.value) == (f"could not write a checkpoint in {out} ({why}): "
                                                   f"make room, then continue from its last checkpoint with --resume {out}")
     assert sorted(os.listdir(out)) == ["checkpoint"]  # no checkpoint.tmp left behind
     assert torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=True)["step"] == 4

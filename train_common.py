@@ -743,7 +743,7 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
         torch.save(state, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-    except (OSError, RuntimeError) as e:  # a full disk (torch.save says RuntimeError): the last checkpoint stays
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save's zip writer raises RuntimeError): keep the last
         shutil.rmtree(tmp, ignore_errors=True)
         last = (f"continue from its last checkpoint with --resume {args.output_dir}" if os.path.isdir(out)
                 else "start it again with --overwrite")

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SIGMA_INIT = 0.02  # std of the entries of P and Q, at init and for new directions (AdaLoRA's)
+INITS = ("gaussian", "lora")  # how directions start: the paper's, or LoRA's (see _fresh)
 EPS = 1e-8  # the ε inside log(s_i + ε) of the entropy (paper §3)
 _RANK_DIM = {"P": 1, "Lambda": 0, "Q": 0}  # the axis of each factor that indexes directions
 _FIRST = {"sum": "initial_accumulator_value", "step_size": "lr"}  # optimizer state starting not at 0
@@ -53,23 +54,22 @@ class FlexLoRALinear(nn.Module):
 
         y = x Wᵀ + c + s · x Qᵀ diag(λ) Pᵀ,     s = alpha / r_init
 
-    P: (d_out, r), Λ: (r,), Q: (r, d_in). λ starts at 0, so ΔW = 0 and the model is unchanged.
-    s is fixed at creation, never following the rank: so a new direction at λ = 0 changes nothing."""
+    P: (d_out, r), Λ: (r,), Q: (r, d_in). ΔW = 0 at start (λ = 0; init="lora": P = 0), and s is fixed
+    at creation, never following the rank: neither a new adapter nor a new direction moves the output."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian"):
         super().__init__()
         _need(isinstance(base, nn.Linear), f"FlexLoRALinear wraps an nn.Linear, got {type(base).__name__}")
         r, alpha = _int("r", r, 1), _positive("alpha", alpha)
         _need(isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout < 1,
               f"dropout must be in [0, 1): {dropout!r}")
+        _need(init in INITS, f"init must be 'gaussian' (the paper) or 'lora' (P = 0, λ = 1), got {init!r}")
         self.base = base.requires_grad_(False)  # W and c stay frozen
         self.r_init, self.alpha, self.scaling = r, alpha, alpha / r  # s = alpha / r_init, fixed for life
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
+        self.merged, self.init = False, init
         (d_out, d_in), like = base.weight.shape, dict(dtype=base.weight.dtype, device=base.weight.device)
-        self.P = nn.Parameter(torch.randn(d_out, r, **like) * SIGMA_INIT)
-        self.Lambda = nn.Parameter(torch.zeros(r, **like))  # λ = 0: ΔW = 0
-        self.Q = nn.Parameter(torch.randn(r, d_in, **like) * SIGMA_INIT)
+        self.P, self.Lambda, self.Q = (nn.Parameter(t.to(**like)) for t in _fresh(init, d_out, r, d_in))
 
     @property
     def r(self) -> int:
@@ -103,7 +103,25 @@ class FlexLoRALinear(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, r_init={self.r_init}, alpha={self.alpha}, merged={self.merged}"
+        return f"r={self.r}, r_init={self.r_init}, alpha={self.alpha}, init={self.init}, merged={self.merged}"
+
+
+def _fresh(init: str, d_out: int, r: int, d_in: int, gen: torch.Generator = None):
+    """r directions adding nothing to ΔW, float32: P (d_out, r), λ (r,), Q (r, d_in). "gaussian" (paper §2):
+    p, q ~ N(0, σ²), λ = 0, a saddle: P, Q get no gradient, and a step of either moves ΔW ∝ |λ|. "lora" (ours,
+    an option: README, Deviations): p = 0, λ = 1, q ~ N(0, σ²), as LoRA's B = 0: P's gradient is there at once."""
+    if init == "lora":
+        return torch.zeros(d_out, r), torch.ones(r), torch.randn(r, d_in, generator=gen) * SIGMA_INIT
+    P = torch.randn(d_out, r, generator=gen) * SIGMA_INIT
+    return P, torch.zeros(r), torch.randn(r, d_in, generator=gen) * SIGMA_INIT
+
+
+def strengths(layer: FlexLoRALinear) -> torch.Tensor:
+    """Each direction's size, which the allocator scores and prunes by: λ (paper §3: the singular values,
+    R keeping P, Q near-orthonormal). Deviation (ours), for init="lora", where P starts at 0 and carries
+    the size while λ stays near 1: |λ_i|·‖p_i‖·‖q_i‖, the norm of the i-th term of ΔW / s."""
+    P, lam, Q = (t.detach() for t in (layer.P, layer.Lambda, layer.Q))
+    return lam if layer.init == "gaussian" else lam.abs() * P.norm(dim=0) * Q.norm(dim=1)
 
 
 def adapters(model: nn.Module, required: bool = False) -> dict:
@@ -124,11 +142,9 @@ def param_groups(model: nn.Module, lr: float, lambda_lr_ratio: float = 1.0, pq_l
     """Optimizer groups: λ at lambda_lr_ratio · lr, P and Q at pq_lr_ratio · lr, the rest (a head) at lr;
     allocations keep new factors in their group. Deviation (ours; the paper uses one lr): under Adam ΔW
     grows ~15x more slowly than LoRA's at one lr (README, Deviations; bench/dynamics.py)."""
-    lr, lambda_lr_ratio, pq_lr_ratio = (_positive(name, v) for name, v in (
-        ("lr", lr), ("lambda_lr_ratio", lambda_lr_ratio), ("pq_lr_ratio", pq_lr_ratio)))
-    rate = {}  # id(parameter) -> its multiple of lr
-    for m in adapters(model).values():
-        rate |= {id(m.P): pq_lr_ratio, id(m.Lambda): lambda_lr_ratio, id(m.Q): pq_lr_ratio}
+    lr, k_lam, k_pq = (_positive(n, v) for n, v in (("lr", lr), ("lambda_lr_ratio", lambda_lr_ratio),
+                                                    ("pq_lr_ratio", pq_lr_ratio)))
+    rate = {id(p): k for m in adapters(model).values() for p, k in ((m.P, k_pq), (m.Lambda, k_lam), (m.Q, k_pq))}
     groups = {}
     for p in filter(lambda p: p.requires_grad, model.parameters()):
         groups.setdefault(rate.get(id(p), 1.0), []).append(p)
@@ -161,10 +177,11 @@ def _as_list(patterns, what: str) -> list:
     return list(patterns)
 
 
-def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0, trainable=()) -> dict:
+def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0, trainable=(),
+           init: str = "gaussian") -> dict:
     """Replace the nn.Linear modules named by `target_modules` with FlexLoRALinear, in place; freeze
     all other parameters but those of the modules (or parameters) named by `trainable`, e.g. "pooler":
-    these train in full, never wrapped, even under a target ".*". Returns {module name: adapter}."""
+    these train in full, never wrapped, even under a target ".*". init: see _fresh. Returns {name: adapter}."""
     targets, keep = _as_list(target_modules, "target_modules"), _as_list(trainable, "trainable")
     _need(targets, "target_modules is empty: name the nn.Linear modules to adapt")
     _need(not adapters(model), "the model already has FlexLoRA adapters: inject() once per model")
@@ -176,8 +193,8 @@ def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: floa
     known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in linears})  # layer indices collapsed to N
     _need(not missing, f"target_modules {missing} match no nn.Linear of the model outside `trainable`. "
                        f"Its Linear modules are: {known}")
-    # wrap the targets (this checks r, alpha, dropout), then freeze all but `trainable`, then swap in
-    wrapped = {n: FlexLoRALinear(model.get_submodule(n), r, alpha, dropout)
+    # wrap the targets (this checks r, alpha, dropout, init), then freeze all but `trainable`, then swap in
+    wrapped = {n: FlexLoRALinear(model.get_submodule(n), r, alpha, dropout, init)
                for n in linears if any(matches(n, t) for t in targets)}
     for name, p in model.named_parameters():
         p.requires_grad_(name in trained)
@@ -224,17 +241,10 @@ def budget(t: int, b0: int, t_warmup: int, t_final: int, total_steps: int, sched
     return b0 if schedule == "constant" else math.floor(b0 * (1 - p) ** 3 + 0.5)  # round half up
 
 
-def orthogonal_regularizer_plain(model: nn.Module) -> torch.Tensor:
-    """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F (unsquared; paper §2), as it reads."""
-    layers = adapters(model, required=True).values()
-    norm = torch.linalg.matrix_norm  # Frobenius
-    eye = lambda m: torch.eye(m.r, device=m.P.device)
-    return sum(norm(m.P.T @ m.P - eye(m)) + norm(m.Q @ m.Q.T - eye(m)) for m in layers) / len(layers)
-
-
 def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
-    """R as above in a few large ops, not ~20 small ones per adapter (a GPU waits on their number): the
-    P's of equal height side by side, F = [P_1 … P_n], of FᵀF only the blocks PᵢᵀPᵢ (the Q's alike).
+    """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F (unsquared; paper §2), in a few large ops, not
+    ~20 small ones per adapter (a GPU waits on their number): the P's of equal height side by side,
+    F = [P_1 … P_n], of FᵀF only the blocks PᵢᵀPᵢ (the Q's alike).
     Deviation (authors' code): they average over the 2K factors, half of R, so their γ is twice ours."""
     layers = adapters(model, required=True)
     groups = {}  # one group per factor kind, size and device
@@ -265,14 +275,12 @@ def _blocks(ranks: tuple, device: torch.device):
 # -----------------------------------------------------------------------------
 # The allocator: score, choose, then resize the adapters in place without breaking the optimizer
 def _resize(layer: FlexLoRALinear, keep: list, grow: bool, gen: torch.Generator, optimizer):
-    """Keep the directions `keep` (indices) and, if `grow`, append one new direction at λ = 0.
+    """Keep the directions `keep` (indices) and, if `grow`, append one new direction (_fresh).
     New Parameters replace the old ones: resizing in place breaks the backward of a graph still
     alive (last step's `loss`). The optimizer's groups and state are re-pointed at them, in place.
     Deviation (authors' code): they rebuild the optimizer, losing its state and groups."""
     # p and q drawn like the initial ones. Deviation (authors' code): std 1, from the global RNG, in float32.
-    fresh = {"P": torch.randn(layer.P.shape[0], 1, generator=gen) * SIGMA_INIT,  # (d_out, 1)
-             "Lambda": torch.zeros(1),
-             "Q": torch.randn(1, layer.Q.shape[1], generator=gen) * SIGMA_INIT} if grow else {}  # (1, d_in)
+    fresh = dict(zip(_RANK_DIM, _fresh(layer.init, layer.P.shape[0], 1, layer.Q.shape[1], gen))) if grow else {}
     # where the optimizer holds each parameter: {id: (its group, index in the group)}
     slots = {id(p): (g, i) for g in getattr(optimizer, "param_groups", []) for i, p in enumerate(g["params"])}
     for name, dim in _RANK_DIM.items():
@@ -299,8 +307,8 @@ def _resize(layer: FlexLoRALinear, keep: list, grow: bool, gen: torch.Generator,
 class RankAllocator:
     """Moves rank between the adapters of `model` during training (paper §3). Call step(t, optimizer)
     after optimizer.step() (and the LR scheduler's), before zero_grad(), t = optimizer steps so far.
-    When b(t) > 0 and (t − t_warmup) % interval == 0, the b lowest-scoring matrices lose their
-    smallest-|λ| direction and the b highest-scoring gain a λ = 0 one: the total rank stays.
+    When b(t) > 0 and (t − t_warmup) % interval == 0, the b lowest-scoring matrices lose their weakest
+    direction (smallest |λ|: strengths()) and the b highest-scoring gain a new one: the total rank stays.
     The score is the paper's I(Λ); to try another, subclass and override scores()."""
 
     def __init__(self, model: nn.Module, b0: int, t_warmup: int, t_final: int, total_steps: int,
@@ -320,8 +328,8 @@ class RankAllocator:
         self.history, self.last_step = [], 0  # last_step: the t of the last step() call; t must grow
 
     def spectra(self) -> dict:
-        """{module name: λ as a float32 CPU tensor}, with one device-to-host copy in all."""
-        flat = torch.cat([m.Lambda.detach().reshape(-1).float() for m in self.layers.values()]).cpu()
+        """{module name: strengths(), a float32 CPU tensor (λ, as in the paper)}, with one device-to-host copy."""
+        flat = torch.cat([strengths(m).reshape(-1).float() for m in self.layers.values()]).cpu()
         lams = dict(zip(self.layers, flat.split([m.r for m in self.layers.values()])))
         bad = [n for n, lam in lams.items() if not torch.isfinite(lam).all()]
         _need(not bad, f"non-finite λ in {bad[:3]}: training diverged; lower the learning rate")
@@ -372,7 +380,7 @@ class RankAllocator:
             _need(kind not in ("LBFGS", "Adafactor") and shaped, f"{kind} keeps state not shaped like each "
                   f"parameter, which a rank change cannot resize: use Adam, AdamW, SGD, RMSprop, Adagrad, Rprop")
 
-        # 3) prune the smallest |λ| (the first of equals), 4) expand: a new direction as the last index
+        # 3) prune the smallest |λ| (strength; the first of equals), 4) expand: a new direction, last
         # Deviation (authors' code): they take the signed argmin, which can drop the strongest.
         removed = {n: int(lams[n].abs().argmin()) for n in pruned}
         for name in pruned + expanded:
@@ -408,13 +416,13 @@ def save_adapter(model: nn.Module, path: str):
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     tensors |= {f"{name}.{f}": getattr(layer, f).detach().contiguous()  # even if the user froze some
                 for name, layer in layers.items() for f in _RANK_DIM}
-    config = {n: {"r": m.r, "r_init": m.r_init, "alpha": m.alpha} for n, m in layers.items()}
+    config = {n: {"r": m.r, "r_init": m.r_init, "alpha": m.alpha, "init": m.init} for n, m in layers.items()}
     save_file(tensors, path, metadata={"format": "flexlora", "adapters": json.dumps(config)})
 
 
 def load_adapter(model: nn.Module, path: str):
     """Load a save_adapter() file into a model injected with the same target_modules (any r): the
-    ranks, alpha and r_init come from the file. Build the optimizer after: the parameters are new."""
+    ranks, alpha, r_init and init come from the file. Build the optimizer after: the parameters are new."""
     from safetensors import SafetensorError, safe_open
     layers, params = adapters(model), dict(model.named_parameters())
     _need(not os.path.isdir(path), f"{path} is a directory: pass the file that save_adapter() wrote")
@@ -422,9 +430,9 @@ def load_adapter(model: nn.Module, path: str):
         with safe_open(path, "pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         _need(meta.get("format") == "flexlora" and "adapters" in meta, "not a flexlora.save_adapter() file")
-        config = json.loads(meta["adapters"])  # {module name: {r, r_init, alpha}}
+        config = json.loads(meta["adapters"])  # {module name: {r, r_init, alpha, init}}
         _need(isinstance(config, dict) and all(isinstance(c, dict) for c in config.values()),
-              "its 'adapters' metadata is not a {module name: {r, r_init, alpha}} object")
+              "its 'adapters' metadata is not a {module name: {r, r_init, alpha, init}} object")
         extra, absent = sorted(set(config) - set(layers)), sorted(set(layers) - set(config))
         _need(not extra and not absent, f"adapters only in the file {extra}, only in the model {absent}; "
                                         f"inject the same target_modules as saved")
@@ -440,8 +448,10 @@ def load_adapter(model: nn.Module, path: str):
             have = tuple(params[name].shape) if name in params else "nothing"
             _need(name in own or have == value.shape, f"{name} of shape {tuple(value.shape)}, the model {have}")
             _need(torch.isfinite(value).all(), f"{name} holds non-finite values (saved from a diverged run?)")
-        config = {n: (_int(f"{n}: r_init", c.get("r_init"), 1), _positive(f"{n}: alpha", c.get("alpha")))
-                  for n, c in config.items()}
+        bad = [c.get("init") for c in config.values() if c.get("init", "gaussian") not in INITS]
+        _need(not bad, f"init {bad[:1]} is none of {INITS}")
+        config = {n: (_int(f"{n}: r_init", c.get("r_init"), 1), _positive(f"{n}: alpha", c.get("alpha")),
+                      c.get("init", "gaussian")) for n, c in config.items()}  # (files from before init: gaussian)
     except (ValueError, SafetensorError) as e:  # json.JSONDecodeError is a ValueError
         why = f"its 'adapters' metadata is broken JSON ({e})" if isinstance(e, json.JSONDecodeError) else e
         raise ValueError(f"{path} cannot be loaded, nothing was changed: {why}") from None
@@ -452,7 +462,7 @@ def load_adapter(model: nn.Module, path: str):
             old = getattr(layer, f)
             value = tensors.pop(f"{name}.{f}").to(old.device, old.dtype)
             setattr(layer, f, nn.Parameter(value, requires_grad=old.requires_grad))
-        layer.r_init, layer.alpha = config[name]
+        layer.r_init, layer.alpha, layer.init = config[name]
         layer.scaling = layer.alpha / layer.r_init
     with torch.no_grad():
         for name, value in tensors.items():  # the other trainable parameters, e.g. the classifier

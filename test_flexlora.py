@@ -113,6 +113,52 @@ def test_delta_w_is_zero_at_init_and_base_gets_no_gradient():
     assert layer.scaling == 2.0 and layer.r == 2
 
 
+def test_lora_init_starts_p_at_zero_and_gives_it_a_gradient_at_once():
+    # the paper's init: λ = 0, so P and Q get no gradient at step 1 (ΔW sits on a saddle); init="lora":
+    # P = 0, λ = 1, and P's gradient is s·G Qᵀ diag(λ), as LoRA's B's is s·G Aᵀ
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    for init in ("gaussian", "lora"):
+        base = nn.Linear(6, 4)
+        layer = fl.FlexLoRALinear(base, r=2, alpha=4, init=init)
+        assert torch.equal(layer.delta_weight(), torch.zeros(4, 6)) and torch.equal(layer(x), base(x))
+        G = torch.randn(3, 4)  # ∂loss/∂y
+        (layer(x) * G).sum().backward()
+        expected_P = layer.scaling * (G.T @ x) @ layer.Q.T * layer.Lambda  # s · G Qᵀ diag(λ): (4, 6) x (6, 2)
+        assert torch.allclose(layer.P.grad, expected_P.detach(), atol=1e-6)
+        if init == "gaussian":
+            assert torch.equal(layer.P.grad, torch.zeros(4, 2)) and torch.equal(layer.Q.grad, torch.zeros(2, 6))
+        else:
+            assert torch.equal(layer.P, torch.zeros(4, 2)) and torch.equal(layer.Lambda, torch.ones(2))
+            assert layer.P.grad.abs().min() > 0 and layer.Q.std().item() == pytest.approx(fl.SIGMA_INIT, rel=0.5)
+    with pytest.raises(ValueError, match="init must be 'gaussian'"):
+        fl.inject(Matrices(2, 4), r"mats\.\d+", r=2, alpha=4, init="zeros")
+
+
+def test_lora_init_scores_and_prunes_by_the_norm_of_each_term_and_grows_at_p_zero():
+    # with P at 0 and λ near 1, λ says nothing: strengths() is |λ_i|·‖p_i‖·‖q_i‖, the norm of each term
+    torch.manual_seed(0)
+    model = Matrices(3, 8)
+    fl.inject(model, r"mats\.\d+", r=3, alpha=6, init="lora")
+    layers = list(fl.adapters(model).values())
+    with torch.no_grad():
+        for m in layers:
+            m.P.normal_()
+        layers[0].P[:, 1] *= 1e-3  # the weakest term of mats.0 (its λ is not the smallest)
+        layers[0].Lambda.copy_(torch.tensor([0.5, 2.0, 1.0]))
+        layers[0].P[:, 0] *= 10  # one strong term: mats.0 is the most peaked
+    strength = layers[0].Lambda.abs() * layers[0].P.norm(dim=0) * layers[0].Q.norm(dim=1)
+    assert torch.allclose(fl.strengths(layers[0]), strength.detach())
+    x = torch.randn(5, 8)
+    before = model(x)
+    rec = allocator(model, b0=1).step(1)
+    assert rec["pruned"] == ["mats.0"] and rec["removed"] == {"mats.0": 1}
+    grown = fl.adapters(model)[rec["expanded"][0]]
+    assert grown.P[:, -1].abs().sum() == 0 and grown.Lambda[-1] == 1 and grown.Q[-1].abs().sum() > 0
+    k = int(rec["expanded"][0].split(".")[1])
+    assert torch.allclose(model(x)[:, k], before[:, k], atol=1e-6)  # the new term adds nothing yet
+
+
 # -----------------------------------------------------------------------------
 # 2. spectral entropy
 
@@ -219,6 +265,13 @@ def test_orthogonal_regularizer():
         fl.orthogonal_regularizer(nn.Linear(2, 2))
 
 
+def orthogonal_regularizer_plain(model):
+    """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F, as the paper writes it, one adapter at a time."""
+    layers = fl.adapters(model).values()
+    norm, eye = torch.linalg.matrix_norm, lambda m: torch.eye(m.r)
+    return sum(norm(m.P.T @ m.P - eye(m)) + norm(m.Q @ m.Q.T - eye(m)) for m in layers) / len(layers)
+
+
 def test_orthogonal_regularizer_batched_equals_plain():
     # adapters of several heights, widths and ranks, as after allocations: the block-diagonal
     # Gram computation gives the plain per-adapter definition's value and gradients
@@ -230,7 +283,7 @@ def test_orthogonal_regularizer_batched_equals_plain():
         layer.Lambda = nn.Parameter(torch.zeros(r))
         layer.Q = nn.Parameter(0.5 * torch.randn(r, layer.Q.shape[1]))
     layers = list(fl.adapters(model).values())
-    ref = fl.orthogonal_regularizer_plain(model)
+    ref = orthogonal_regularizer_plain(model)
     ref.backward()
     ref_grads = [(m.P.grad.clone(), m.Q.grad.clone()) for m in layers]
     model.zero_grad()
@@ -243,7 +296,7 @@ def test_orthogonal_regularizer_batched_equals_plain():
     # and both are the definition, written out by hand for one adapter
     m = layers[1]
     by_hand = (torch.linalg.norm(m.P.T @ m.P - torch.eye(3)) + torch.linalg.norm(m.Q @ m.Q.T - torch.eye(3)))
-    assert fl.orthogonal_regularizer_plain(nn.Sequential(m)).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert orthogonal_regularizer_plain(nn.Sequential(m)).item() == pytest.approx(by_hand.item(), rel=1e-6)
 
 
 def test_orthogonal_regularizer_stays_float32_under_autocast():
@@ -780,6 +833,32 @@ def test_save_load_round_trip_restores_ranks_and_outputs(tmp_path):
     assert all(m.scaling == 1.0 and m.r_init == 3 for m in fl.adapters(fresh).values())
     x = torch.randn(8, 16)
     assert torch.allclose(fresh(x), model(x), atol=1e-6)
+
+
+def test_save_load_keeps_the_init(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    model = Matrices(2, 8)
+    fl.inject(model, r"mats\.\d+", r=2, alpha=4, init="lora")
+    path = str(tmp_path / "a.safetensors")
+    fl.save_adapter(model, path)
+    fresh = matrices(n=2)  # injected with the paper's init
+    fl.load_adapter(fresh, path)
+    assert {m.init for m in fl.adapters(fresh).values()} == {"lora"}
+    with safe_open(path, "pt") as f:  # a file of before init: its adapters load as "gaussian"
+        meta = f.metadata()
+    for init, ok in ((None, True), ("zeros", False)):
+        adapters = {n: {k: v for k, v in c.items() if k != "init"} | ({"init": init} if init else {})
+                    for n, c in json.loads(meta["adapters"]).items()}
+        save_file(load_file(path), path, metadata=meta | {"adapters": json.dumps(adapters)})
+        other = Matrices(2, 8)
+        fl.inject(other, r"mats\.\d+", r=2, alpha=4, init="lora")
+        if ok:
+            fl.load_adapter(other, path)
+            assert {m.init for m in fl.adapters(other).values()} == {"gaussian"}
+        else:
+            with pytest.raises(ValueError, match="init .'zeros'. is none of"):
+                fl.load_adapter(other, path)
 
 
 def test_save_load_restores_trainable_head(tmp_path):

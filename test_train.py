@@ -111,10 +111,11 @@ def test_vit_smoke_end_to_end_and_reload(tmp_path):
 # Resume: an interrupted run continued with --resume ends as the uninterrupted one
 
 
-def test_resume_gives_the_same_run(tmp_path):
+@pytest.mark.parametrize("init", ["lora", "gaussian"])  # a resumed run adds its new directions alike
+def test_resume_gives_the_same_run(tmp_path, init):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train_glue.main(GLUE_TINY + ["--output_dir", full])
-    assert train_glue.main(GLUE_TINY + ["--output_dir", part, "--stop_after", "9"]) is None
+    train_glue.main(GLUE_TINY + ["--init", init, "--output_dir", full])
+    assert train_glue.main(GLUE_TINY + ["--init", init, "--output_dir", part, "--stop_after", "9"]) is None
     assert os.path.exists(os.path.join(part, "checkpoint")) and not os.path.exists(os.path.join(part, "metrics.json"))
     train_glue.main(["--resume", part, "--save_merged"])  # (--save_merged may be added on resume)
     assert os.path.isfile(os.path.join(part, "merged", "config.json"))
@@ -539,6 +540,22 @@ def test_holdout_is_kept_out_of_training_and_scored(tmp_path):
     train_set, held = common.hold_out(list(range(10)), argparse.Namespace(holdout=3))
     assert sorted(train_set + held) == list(range(10)) and len(held) == 3
     assert common.hold_out(list(range(10)), argparse.Namespace(holdout=3))[1] == held  # whatever the seed
+
+
+def test_init_flag_reaches_every_adapter_and_the_saved_file(tmp_path):
+    for init, expect in (("lora", "lora"), ("gaussian", "gaussian"), ("orthonormal", "gaussian")):
+        args = train_glue.get_args(["--smoke", "--init", init])
+        model = train_glue.smoke_model("cola", 40)
+        common.FlexLoRA(model, args, ["query_proj", "value_proj"], ["classifier"], total_steps=100)
+        layers = flexlora.adapters(model).values()
+        assert {m.init for m in layers} == {expect}
+        assert all(bool((m.P == 0).all()) == (init == "lora") for m in layers)  # P = 0 only under lora
+    out = str(tmp_path / "lora")
+    metrics = train_glue.main(GLUE_TINY + ["--init", "lora", "--output_dir", out])
+    assert metrics["allocation_stats"]["expanded"] > 0  # it allocated
+    from safetensors import safe_open
+    with safe_open(os.path.join(out, "adapter.safetensors"), "pt") as f:
+        assert {c["init"] for c in json.loads(f.metadata()["adapters"]).values()} == {"lora"}
 
 
 def test_orthonormal_init_and_gamma_warmup(tmp_path):

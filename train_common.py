@@ -121,8 +121,9 @@ def add_common_args(parser):
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
     g.add_argument("--gamma_warmup", type=int, default=0, help="steps over which γ ramps up from 0 (0: none)")
-    g.add_argument("--init", default="gaussian", choices=["gaussian", "orthonormal"],
-                   help="P and Q at start: N(0, 0.02²) entries (the paper), or orthonormal")
+    g.add_argument("--init", default="gaussian", choices=["gaussian", "lora", "orthonormal"],
+                   help="FlexLoRA's directions at start (and when added): P, Q ~ N(0, 0.02²), λ = 0 (the paper); "
+                        "lora: P = 0, λ = 1, as LoRA's B = 0 (flexlora._fresh); orthonormal P, Q at start, λ = 0")
     g.add_argument("--lambda_lr_ratio", type=float, default=LAMBDA_LR_RATIO,
                    help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups)")
     g.add_argument("--pq_lr_ratio", type=float, default=PQ_LR_RATIO,
@@ -190,7 +191,7 @@ def check_args(args):
     need("warmup_ratio", lambda v: is_num(v) and 0 <= v <= 1, "a fraction of the training steps, in [0, 1]")
     need("method", lambda v: v in ("flexlora", "lora", "adalora"), "flexlora, lora or adalora")
     need("schedule", lambda v: v in ("cubic", "constant"), "cubic or constant")
-    need("init", lambda v: v in ("gaussian", "orthonormal"), "gaussian or orthonormal")
+    need("init", lambda v: v in ("gaussian", "orthonormal", "lora"), "gaussian, orthonormal or lora")
     # combinations
     need("r_min", lambda v: v <= args.r, f"<= --r ({args.r}), the rank every matrix starts at")
     need("r_max", lambda v: v is None or v >= args.r, f">= --r ({args.r}), the rank every matrix starts at")
@@ -529,7 +530,8 @@ class FlexLoRA:
     """flexlora.py in the loop: the model itself, its regulariser and its RankAllocator."""
 
     def __init__(self, model, args, targets, trainable, total_steps):
-        flexlora.inject(model, targets, r=args.r, alpha=args.alpha, dropout=args.lora_dropout, trainable=trainable)
+        flexlora.inject(model, targets, r=args.r, alpha=args.alpha, dropout=args.lora_dropout, trainable=trainable,
+                        init="lora" if args.init == "lora" else "gaussian")
         self.net = model
         self.allocator = flexlora.RankAllocator(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
                                                 total_steps=total_steps, interval=args.delta, r_min=args.r_min,

@@ -123,7 +123,8 @@ def add_common_args(parser):
     g.add_argument("--gamma_warmup", type=int, default=0, help="steps over which γ ramps up from 0 (0: none)")
     g.add_argument("--init", default="gaussian", choices=["gaussian", "lora", "orthonormal"],
                    help="FlexLoRA's directions at start (and when added): P, Q ~ N(0, 0.02²), λ = 0 (the paper); "
-                        "lora: P = 0, λ = 1, as LoRA's B = 0 (flexlora._fresh); orthonormal P, Q at start, λ = 0")
+                        "lora: P = 0, λ = 1, as LoRA's B = 0 (flexlora._fresh; measured with --lambda_lr_ratio 1 "
+                        "--pq_lr_ratio 1); orthonormal P, Q at start, λ = 0")
     g.add_argument("--lambda_lr_ratio", type=float, default=LAMBDA_LR_RATIO,
                    help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups)")
     g.add_argument("--pq_lr_ratio", type=float, default=PQ_LR_RATIO,

@@ -116,14 +116,6 @@ def _fresh(init: str, d_out: int, r: int, d_in: int, gen: torch.Generator = None
     return P, torch.zeros(r), torch.randn(r, d_in, generator=gen) * SIGMA_INIT
 
 
-def strengths(layer: FlexLoRALinear) -> torch.Tensor:
-    """Each direction's size, which the allocator scores and prunes by: λ (paper §3: the singular values,
-    R keeping P, Q near-orthonormal). Deviation (ours), for init="lora", where P starts at 0 and carries
-    the size while λ stays near 1: |λ_i|·‖p_i‖·‖q_i‖, the norm of the i-th term of ΔW / s."""
-    P, lam, Q = (t.detach() for t in (layer.P, layer.Lambda, layer.Q))
-    return lam if layer.init == "gaussian" else lam.abs() * P.norm(dim=0) * Q.norm(dim=1)
-
-
 def adapters(model: nn.Module, required: bool = False) -> dict:
     """{module name: FlexLoRALinear} in the model, sorted by name (with `required`, at least one)."""
     if not isinstance(model, nn.Module):
@@ -308,7 +300,7 @@ class RankAllocator:
     """Moves rank between the adapters of `model` during training (paper §3). Call step(t, optimizer)
     after optimizer.step() (and the LR scheduler's), before zero_grad(), t = optimizer steps so far.
     When b(t) > 0 and (t − t_warmup) % interval == 0, the b lowest-scoring matrices lose their weakest
-    direction (smallest |λ|: strengths()) and the b highest-scoring gain a new one: the total rank stays.
+    direction (smallest |λ|: spectra()) and the b highest-scoring gain a new one: the total rank stays.
     The score is the paper's I(Λ); to try another, subclass and override scores()."""
 
     def __init__(self, model: nn.Module, b0: int, t_warmup: int, t_final: int, total_steps: int,
@@ -328,8 +320,11 @@ class RankAllocator:
         self.history, self.last_step = [], 0  # last_step: the t of the last step() call; t must grow
 
     def spectra(self) -> dict:
-        """{module name: strengths(), a float32 CPU tensor (λ, as in the paper)}, with one device-to-host copy."""
-        flat = torch.cat([strengths(m).reshape(-1).float() for m in self.layers.values()]).cpu()
+        """{module name: each direction's size, a float32 CPU tensor}, with one device-to-host copy: λ (paper §3,
+        the singular values as R keeps P, Q near-orthonormal). Deviation (ours), init="lora": P starts at 0 and
+        carries the size while λ stays near 1, so |λ_i|·‖p_i‖·‖q_i‖, the norm of the i-th term of ΔW / s."""
+        size = lambda m: m.Lambda if m.init == "gaussian" else m.Lambda.abs() * m.P.norm(dim=0) * m.Q.norm(dim=1)
+        flat = torch.cat([size(m).detach().reshape(-1).float() for m in self.layers.values()]).cpu()
         lams = dict(zip(self.layers, flat.split([m.r for m in self.layers.values()])))
         bad = [n for n, lam in lams.items() if not torch.isfinite(lam).all()]
         _need(not bad, f"non-finite λ in {bad[:3]}: training diverged; lower the learning rate")
@@ -380,7 +375,7 @@ class RankAllocator:
             _need(kind not in ("LBFGS", "Adafactor") and shaped, f"{kind} keeps state not shaped like each "
                   f"parameter, which a rank change cannot resize: use Adam, AdamW, SGD, RMSprop, Adagrad, Rprop")
 
-        # 3) prune the smallest |λ| (strength; the first of equals), 4) expand: a new direction, last
+        # 3) prune the smallest |λ| (size; the first of equals), 4) expand: a new direction, last
         # Deviation (authors' code): they take the signed argmin, which can drop the strongest.
         removed = {n: int(lams[n].abs().argmin()) for n in pruned}
         for name in pruned + expanded:

@@ -136,7 +136,7 @@ def test_lora_init_starts_p_at_zero_and_gives_it_a_gradient_at_once():
 
 
 def test_lora_init_scores_and_prunes_by_the_norm_of_each_term_and_grows_at_p_zero():
-    # with P at 0 and λ near 1, λ says nothing: strengths() is |λ_i|·‖p_i‖·‖q_i‖, the norm of each term
+    # with P at 0 and λ near 1, λ says nothing: spectra() gives |λ_i|·‖p_i‖·‖q_i‖, the norm of each term
     torch.manual_seed(0)
     model = Matrices(3, 8)
     fl.inject(model, r"mats\.\d+", r=3, alpha=6, init="lora")
@@ -148,7 +148,7 @@ def test_lora_init_scores_and_prunes_by_the_norm_of_each_term_and_grows_at_p_zer
         layers[0].Lambda.copy_(torch.tensor([0.5, 2.0, 1.0]))
         layers[0].P[:, 0] *= 10  # one strong term: mats.0 is the most peaked
     strength = layers[0].Lambda.abs() * layers[0].P.norm(dim=0) * layers[0].Q.norm(dim=1)
-    assert torch.allclose(fl.strengths(layers[0]), strength.detach())
+    assert torch.allclose(allocator(model).spectra()["mats.0"], strength.detach())
     x = torch.randn(5, 8)
     before = model(x)
     rec = allocator(model, b0=1).step(1)

@@ -109,7 +109,7 @@ class FlexLoRALinear(nn.Module):
 def _fresh(init: str, d_out: int, r: int, d_in: int, gen: torch.Generator = None):
     """r directions adding nothing to ΔW, float32: P (d_out, r), λ (r,), Q (r, d_in). "gaussian" (paper §2):
     p, q ~ N(0, σ²), λ = 0, a saddle: P, Q get no gradient, and a step of either moves ΔW ∝ |λ|. "lora" (ours,
-    an option: README, Deviations): p = 0, λ = 1, q ~ N(0, σ²), as LoRA's B = 0: P's gradient is there at once."""
+    the training scripts' default: README, Deviations): p = 0, λ = 1, q ~ N(0, σ²), as LoRA's B = 0: P's gradient is there at once."""
     if init == "lora":
         return torch.zeros(d_out, r), torch.ones(r), torch.randn(r, d_in, generator=gen) * SIGMA_INIT
     P = torch.randn(d_out, r, generator=gen) * SIGMA_INIT
@@ -132,8 +132,8 @@ def rank_pattern(model: nn.Module) -> dict:
 
 def param_groups(model: nn.Module, lr: float, lambda_lr_ratio: float = 1.0, pq_lr_ratio: float = 1.0):
     """Optimizer groups: λ at lambda_lr_ratio · lr, P and Q at pq_lr_ratio · lr, the rest (a head) at lr;
-    allocations keep new factors in their group. Deviation (ours; the paper uses one lr): under Adam ΔW
-    grows ~15x more slowly than LoRA's at one lr (README, Deviations; bench/dynamics.py)."""
+    allocations keep new factors in their group. Deviation (ours; the paper uses one lr): from the paper's
+    start (λ = 0) ΔW grows ~15x more slowly than LoRA's at one lr (README, Deviations; bench/dynamics.py)."""
     lr, k_lam, k_pq = (_positive(n, v) for n, v in (("lr", lr), ("lambda_lr_ratio", lambda_lr_ratio),
                                                     ("pq_lr_ratio", pq_lr_ratio)))
     rate = {id(p): k for m in adapters(model).values() for p, k in ((m.P, k_pq), (m.Lambda, k_lam), (m.Q, k_pq))}

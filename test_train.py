@@ -482,9 +482,11 @@ def test_fit_window_scales_short_runs():
     args = argparse.Namespace(t_w=800, t_f=3500, delta=10)
     common.fit_window(args, 6700)  # fits: unchanged
     assert (args.t_w, args.t_f, args.delta) == (800, 3500, 10)
-    common.fit_window(args, 200)  # CoLA's window in a 200-step run: 60% of it, in the ratio 800 : 3500
-    assert (args.t_w, args.t_f, args.delta) == (22, 98, 1)
-    assert args.t_w + args.t_f + args.delta <= 200
+    common.fit_window(args, 200)  # CoLA's window in a 200-step run: 60% of it, in the ratio 800 : 3500; Δ kept
+    assert (args.t_w, args.t_f, args.delta) == (22, 98, 10)
+    args = argparse.Namespace(t_w=800, t_f=3500, delta=100)
+    common.fit_window(args, 200)  # a Δ longer than what is left: lowered to leave room for one allocation
+    assert (args.t_w, args.t_f, args.delta) == (22, 98, 80)
     with pytest.raises(ValueError, match="too few"):
         common.fit_window(argparse.Namespace(t_w=1, t_f=1, delta=1), 2)
 
@@ -520,12 +522,12 @@ def test_lambda_trains_at_its_ratio_of_the_learning_rate():
         groups = common.build_optimizer(net, args).param_groups
         lr_of = lambda p: [g["lr"] for g in groups if any(q is p for q in g["params"])]
         return {(g["lr"], g["weight_decay"]): len(g["params"]) for g in groups}, lr_of(net.fc.Lambda), lr_of(net.fc.P)
-    lr, lam, pq = 1.2e-3, common.LAMBDA_LR_RATIO * 1.2e-3, common.PQ_LR_RATIO * 1.2e-3  # RTE's lr
-    groups, lam_lr, p_lr = optimizer()  # the default: λ and P, Q at their ratios of the lr
+    lr, lam, pq = 1.2e-3, 16 * 1.2e-3, 3 * 1.2e-3  # RTE's lr
+    groups, lam_lr, p_lr = optimizer("--lambda_lr_ratio", "16", "--pq_lr_ratio", "3")
     assert lam_lr == [pytest.approx(lam)] and p_lr == [pytest.approx(pq)]
     # P, Q and the head's weight decay; its bias and the norm's two parameters do not
     assert groups == {(pq, 0.1): 2, (lam, 0.1): 1, (lr, 0.1): 1, (lr, 0.0): 3}
-    groups, lam_lr, _ = optimizer("--lambda_lr_ratio", "1", "--pq_lr_ratio", "1")  # the paper: one lr
+    groups, lam_lr, _ = optimizer()  # the default, as the paper: one lr
     assert lam_lr == [pytest.approx(lr)] and groups == {(lr, 0.1): 4, (lr, 0.0): 3}
 
 

@@ -92,10 +92,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     pass  # --help: the docstring as written, and every flag's default
 
 
-# FlexLoRA's λ, and its P and Q, train at these multiples of the learning rate (flexlora.param_groups)
-LAMBDA_LR_RATIO, PQ_LR_RATIO = 16.0, 3.0
-
-
 def add_common_args(parser):
     # flexlora (and the budget the baselines are matched to)
     g = parser.add_argument_group("flexlora")
@@ -121,13 +117,14 @@ def add_common_args(parser):
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
     g.add_argument("--gamma_warmup", type=int, default=0, help="steps over which γ ramps up from 0 (0: none)")
-    g.add_argument("--init", default="gaussian", choices=["gaussian", "lora", "orthonormal"],
-                   help="FlexLoRA's directions at start (and when added): P, Q ~ N(0, 0.02²), λ = 0 (the paper); "
-                        "lora: P = 0, λ = 1, as LoRA's B = 0 (flexlora._fresh; measured with --lambda_lr_ratio 1 "
-                        "--pq_lr_ratio 1); orthonormal P, Q at start, λ = 0")
-    g.add_argument("--lambda_lr_ratio", type=float, default=LAMBDA_LR_RATIO,
+    g.add_argument("--init", default="lora", choices=["lora", "gaussian", "orthonormal"],
+                   help="FlexLoRA's directions at start (and when added): lora (ours, README Deviations): P = 0, "
+                        "λ = 1, Q ~ N(0, 0.02²), as LoRA's B = 0 (flexlora._fresh); gaussian: P, Q ~ N(0, 0.02²), "
+                        "λ = 0 (the paper; it trains fast with --lambda_lr_ratio 16 --pq_lr_ratio 3); "
+                        "orthonormal: P, Q orthonormal at start, λ = 0")
+    g.add_argument("--lambda_lr_ratio", type=float, default=1.0,
                    help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups)")
-    g.add_argument("--pq_lr_ratio", type=float, default=PQ_LR_RATIO,
+    g.add_argument("--pq_lr_ratio", type=float, default=1.0,
                    help="FlexLoRA: P's and Q's learning rate / --lr (1: the paper)")
     g.add_argument("--lr_scale", type=float, default=1.0,
                    help="multiplies the peak learning rate (--lr or the task's default)")
@@ -340,14 +337,16 @@ def from_pretrained(cls, name, flag="--model", **kwargs):
 
 
 def fit_window(args, total_steps):
-    """Short runs: shrink t_w, t_f (and Δ) proportionally so that allocations still happen."""
+    """Short runs: shrink t_w and t_f proportionally so that allocations still happen. Δ stays the task's
+    (lowered only to leave room for one allocation): a direction added at zero needs some steps to grow before
+    it is scored again, and with Δ shrunk to 1 most new ones were pruned at the very next step."""
     t_w, t_f, delta = args.t_w, args.t_f, args.delta
     if t_w + t_f + delta <= total_steps:
         return
     if t_w + t_f >= total_steps:
         # keep t_w : t_f and let the two phases take 60% of the run (60-70% in the paper's GLUE runs)
         f = 0.6 * total_steps / (t_w + t_f)
-        args.t_w, args.t_f, args.delta = round(t_w * f), round(t_f * f), max(1, round(delta * f))
+        args.t_w, args.t_f = round(t_w * f), round(t_f * f)
     args.delta = max(1, min(args.delta, total_steps - args.t_w - args.t_f))  # room for one allocation
     if args.t_w + args.t_f + args.delta > total_steps:
         raise ValueError(f"{total_steps} training steps are too few for any rank allocation: "

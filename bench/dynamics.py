@@ -1,7 +1,7 @@
 """Why the SVD form trains slowly: how fast ΔW grows in the first steps, per method, measured.
 
     python -m bench.dynamics                      # MiniLM on CoLA, 300 steps: FlexLoRA, LoRA, AdaLoRA
-    python -m bench.dynamics --methods flexlora -- --lambda_lr_ratio 1   # the paper's single lr
+    python -m bench.dynamics --methods flexlora -- --init gaussian   # the paper's start (λ = 0)
 
 Flags after `--` go to train_glue.py's parser (same defaults, e.g. --lambda_lr_ratio, --gamma,
 --lr), so whatever the training script can do is measured here. Every --every steps, per method,
@@ -71,7 +71,7 @@ def measure(method, args, train_argv):
     adapter = lambda: [p for n, p in m.net.named_parameters() if p.requires_grad and
                        (n.endswith((".P", ".Lambda", ".Q")) or "lora_" in n)]
     norm = lambda grads: math.sqrt(sum(float(g.square().sum()) for g in grads if g is not None))
-    print(f"\n{method}: lr {targs.lr * targs.lr_scale:g}, λ lr ratio {targs.lambda_lr_ratio:g}, γ {targs.gamma:g}, "
+    print(f"\n{method}: init {targs.init}, lr {targs.lr * targs.lr_scale:g}, λ lr ratio {targs.lambda_lr_ratio:g}, γ {targs.gamma:g}, "
           f"T {T} (the schedule's; measured: {args.steps})")
     print(f"{'step':>5} {'loss':>7} {'|ΔW|_F':>8} {'σ_max':>8} {'|λ|':>8} {'R share':>8} {'∇R/∇task':>9}")
     m.net.train()

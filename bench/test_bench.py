@@ -363,7 +363,7 @@ def test_quality_best_lr_is_chosen_on_the_holdout_not_on_dev(tmp_path, monkeypat
     assert cmd[cmd.index("--lr_scale") + 1] == "3" and cmd[cmd.index("--holdout") + 1] == "400"
     assert "--holdout" not in Q.command("stsb", "lora", 0, "out/x", args)  # the plain runs train on all
     vision = Q.command("cifar100", "flexlora-paper@0.33", 0, "out/x", args)
-    assert vision[vision.index("--holdout") + 1] == "100" and vision[vision.index("--lambda_lr_ratio") + 1] == "1"
+    assert vision[vision.index("--holdout") + 1] == "100" and vision[vision.index("--init") + 1] == "gaussian"
 
     def fake_run(task, method, seed, args):  # ×3 is best on dev, ×1 on the holdout
         dev, held = {"lora": (0.5, 0.5), "lora@0.33": (0.4, 0.4), "lora@1": (0.6, 0.7), "lora@3": (0.9, 0.6)}[method]

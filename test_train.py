@@ -545,6 +545,10 @@ def test_holdout_is_kept_out_of_training_and_scored(tmp_path):
 
 
 def test_init_flag_reaches_every_adapter_and_the_saved_file(tmp_path):
+    # the scripts' defaults (README, Deviations): LoRA's start at one lr, where the library keeps the paper's
+    for script in (train_glue, train_vit):
+        args = script.get_args(["--smoke"])
+        assert (args.init, args.lambda_lr_ratio, args.pq_lr_ratio) == ("lora", 1.0, 1.0)
     for init, expect in (("lora", "lora"), ("gaussian", "gaussian"), ("orthonormal", "gaussian")):
         args = train_glue.get_args(["--smoke", "--init", init])
         model = train_glue.smoke_model("cola", 40)

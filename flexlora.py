@@ -50,17 +50,23 @@ def _positive(name: str, v) -> float:  # a finite real > 0, numpy's too (not a b
 # -----------------------------------------------------------------------------
 # The adapter
 class FlexLoRALinear(nn.Module):
-    """A frozen nn.Linear plus a rank-r update in SVD form:
+    """A frozen nn.Linear plus a rank-r update in SVD form, held in r_max fixed slots:
 
-        y = x Wᵀ + c + s · x Qᵀ diag(λ) Pᵀ,     s = alpha / r_init
+        y = x Wᵀ + c + s · x Qᵀ diag(λ ⊙ m) Pᵀ,     s = alpha / r_init
 
-    P: (d_out, r), Λ: (r,), Q: (r, d_in). ΔW = 0 at start (λ = 0; init="lora": P = 0), and s is fixed
-    at creation, never following the rank: neither a new adapter nor a new direction moves the output."""
+    P: (d_out, r_max), Λ: (r_max,), Q: (r_max, d_in) and the buffer `live` m: (r_max,), True for the
+    r slots in use. ΔW = 0 at start (λ = 0; init="lora": P = 0), and s is fixed at creation, never
+    following the rank: neither a new adapter nor a new direction moves the output. A dead slot
+    holds zeros and, masked out, gets exactly zero gradient. r_max (default 2 · r) is ours: the
+    paper has no cap (README, Deviations); the tensors never change shape, so DDP, FSDP and
+    torch.compile keep working through every allocation."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian"):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
+                 r_max: int = None):
         super().__init__()
         _need(isinstance(base, nn.Linear), f"FlexLoRALinear wraps an nn.Linear, got {type(base).__name__}")
         r, alpha = _int("r", r, 1), _positive("alpha", alpha)
+        r_max = 2 * r if r_max is None else _int("r_max (the slots; None: 2 · r)", r_max, r)
         _need(isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout < 1,
               f"dropout must be in [0, 1): {dropout!r}")
         _need(init in INITS, f"init must be 'gaussian' (the paper) or 'lora' (P = 0, λ = 1), got {init!r}")
@@ -69,23 +75,31 @@ class FlexLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged, self.init = False, init
         (d_out, d_in), like = base.weight.shape, dict(dtype=base.weight.dtype, device=base.weight.device)
-        self.P, self.Lambda, self.Q = (nn.Parameter(t.to(**like)) for t in _fresh(init, d_out, r, d_in))
+        P, lam, Q = _fresh(init, d_out, r, d_in)  # slots r .. r_max - 1 start dead, at zero
+        self.P = nn.Parameter(F.pad(P, (0, r_max - r)).to(**like))  # (d_out, r_max)
+        self.Lambda = nn.Parameter(F.pad(lam, (0, r_max - r)).to(**like))  # (r_max,)
+        self.Q = nn.Parameter(F.pad(Q, (0, 0, 0, r_max - r)).to(**like))  # (r_max, d_in)
+        self.register_buffer("live", torch.arange(r_max, device=like["device"]) < r)  # (r_max,) bool
 
     @property
     def r(self) -> int:
-        return self.Lambda.numel()  # the current rank
+        return int(self.live.sum())  # the current rank: the live slots
+
+    @property
+    def r_max(self) -> int:
+        return self.live.numel()  # the slots, for life
 
     def delta_weight(self) -> torch.Tensor:
-        # ΔW = s · P diag(λ) Q: (d_out, r) x (r, d_in) -> (d_out, d_in)
-        return (self.P * (self.scaling * self.Lambda)) @ self.Q
+        # ΔW = s · P diag(λ ⊙ m) Q: (d_out, r_max) x (r_max, d_in) -> (d_out, d_in)
+        return (self.P * (self.scaling * self.Lambda * self.live)) @ self.Q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged:
             return y  # ΔW already sits in base.weight
-        h = F.linear(self.dropout(x), self.Q)  # (..., d_in) x (d_in, r) -> (..., r)
-        # fold λ into P first (a (d_out, r) product is cheaper than a (..., r) one); s rides on the add
-        return torch.add(y, F.linear(h, self.P * self.Lambda), alpha=self.scaling)  # (..., r) -> (..., d_out)
+        h = F.linear(self.dropout(x), self.Q)  # (..., d_in) x (d_in, r_max) -> (..., r_max)
+        # fold λ ⊙ m into P first (a (d_out, r_max) product is cheaper than a (..., r_max) one); s rides on the add
+        return torch.add(y, F.linear(h, self.P * (self.Lambda * self.live)), alpha=self.scaling)
 
     @torch.no_grad()
     def merge(self):
@@ -102,8 +116,14 @@ class FlexLoRALinear(nn.Module):
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
 
+    def live_factors(self):
+        """(P, λ, Q) of the live slots only, in slot order, detached: (d_out, r), (r,), (r, d_in)."""
+        idx = self.live.nonzero().squeeze(1)
+        return tuple(_full(getattr(self, f)).detach().index_select(d, idx) for f, d in _RANK_DIM.items())
+
     def extra_repr(self) -> str:
-        return f"r={self.r}, r_init={self.r_init}, alpha={self.alpha}, init={self.init}, merged={self.merged}"
+        return (f"r={self.r}, r_max={self.r_max}, r_init={self.r_init}, alpha={self.alpha}, init={self.init}, "
+                f"merged={self.merged}")
 
 
 def _fresh(init: str, d_out: int, r: int, d_in: int, gen: torch.Generator = None):
@@ -170,10 +190,11 @@ def _as_list(patterns, what: str) -> list:
 
 
 def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0, trainable=(),
-           init: str = "gaussian") -> dict:
+           init: str = "gaussian", r_max: int = None) -> dict:
     """Replace the nn.Linear modules named by `target_modules` with FlexLoRALinear, in place; freeze
     all other parameters but those of the modules (or parameters) named by `trainable`, e.g. "pooler":
-    these train in full, never wrapped, even under a target ".*". init: see _fresh. Returns {name: adapter}."""
+    these train in full, never wrapped, even under a target ".*". init: see _fresh; r_max: the slots
+    of each adapter (default 2 · r), the most rank it can grow to. Returns {name: adapter}."""
     targets, keep = _as_list(target_modules, "target_modules"), _as_list(trainable, "trainable")
     _need(targets, "target_modules is empty: name the nn.Linear modules to adapt")
     _need(not adapters(model), "the model already has FlexLoRA adapters: inject() once per model")
@@ -186,7 +207,7 @@ def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: floa
     _need(not missing, f"target_modules {missing} match no nn.Linear of the model outside `trainable`. "
                        f"Its Linear modules are: {known}")
     # wrap the targets (this checks r, alpha, dropout, init), then freeze all but `trainable`, then swap in
-    wrapped = {n: FlexLoRALinear(model.get_submodule(n), r, alpha, dropout, init)
+    wrapped = {n: FlexLoRALinear(model.get_submodule(n), r, alpha, dropout, init, r_max)
                for n in linears if any(matches(n, t) for t in targets)}
     for name, p in model.named_parameters():
         p.requires_grad_(name in trained)
@@ -234,23 +255,25 @@ def budget(t: int, b0: int, t_warmup: int, t_final: int, total_steps: int, sched
 
 
 def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
-    """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F (unsquared; paper §2), in a few large ops, not
-    ~20 small ones per adapter (a GPU waits on their number): the P's of equal height side by side,
-    F = [P_1 … P_n], of FᵀF only the blocks PᵢᵀPᵢ (the Q's alike).
+    """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F over the live directions (unsquared; paper §2),
+    in a few large ops, not ~20 small ones per adapter (a GPU waits on their number): the P's of equal
+    height side by side, F = [P_1 … P_n], of FᵀF only the blocks PᵢᵀPᵢ, live rows and columns (the Q's alike).
     Deviation (authors' code): they average over the 2K factors, half of R, so their γ is twice ours."""
     layers = adapters(model, required=True)
     groups = {}  # one group per factor kind, size and device
     for m in layers.values():
-        groups.setdefault(("P", m.P.shape[0], m.P.device), []).append(m.P)  # directions = columns
-        groups.setdefault(("Q", m.Q.shape[1], m.Q.device), []).append(m.Q)  # directions = rows
+        groups.setdefault(("P", m.P.shape[0], m.P.device), []).append(m)  # directions = columns
+        groups.setdefault(("Q", m.Q.shape[1], m.Q.device), []).append(m)  # directions = rows
     total, device = 0.0, next(iter(layers.values())).P.device
     with torch.autocast(device.type, enabled=False):  # bf16 Gram matrices are too coarse
-        for (kind, _, _), factors in groups.items():
-            stacked = torch.cat(factors, dim=_RANK_DIM[kind]).float()
-            gram = stacked.T @ stacked if kind == "P" else stacked @ stacked.T  # (Σr, Σr)
-            owner, mask, eye = _blocks(tuple(f.shape[_RANK_DIM[kind]] for f in factors), gram.device)
-            sq = ((gram - eye) * mask).square().sum(1)  # per direction: its row of PᵢᵀPᵢ − I
-            per_factor = torch.zeros(len(factors), device=gram.device).index_add(0, owner, sq)
+        for (kind, _, _), group in groups.items():
+            stacked = torch.cat([getattr(m, kind) for m in group], dim=_RANK_DIM[kind]).float()
+            gram = stacked.T @ stacked if kind == "P" else stacked @ stacked.T  # (Σr_max, Σr_max)
+            owner, block, eye = _blocks(tuple(m.r_max for m in group), gram.device)
+            live = torch.cat([m.live for m in group]).float()  # (Σr_max,)
+            # per direction: its row of PᵢᵀPᵢ − I, live entries only (a dead slot gets zero gradient)
+            sq = ((gram - eye) * block * live * live[:, None]).square().sum(1)
+            per_factor = torch.zeros(len(group), device=gram.device).index_add(0, owner, sq)
             # ‖·‖_F = sqrt of the sum; clamp: a finite (zero) gradient at an exactly orthonormal factor
             total = total + per_factor.clamp_min(torch.finfo(sq.dtype).tiny).sqrt().sum().to(device)
     return total / len(layers)
@@ -258,42 +281,47 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _blocks(ranks: tuple, device: torch.device):
-    # for factors of ranks r_1 … r_n side by side: each direction's factor, the block mask, the identity
+    # for factors of r_max r_1 … r_n side by side: each slot's factor, the block mask, the identity
     owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks)).to(device)
     mask = (owner[:, None] == owner[None, :]).float()
     return owner, mask, torch.eye(len(owner), device=device)
 
 
 # -----------------------------------------------------------------------------
-# The allocator: score, choose, then resize the adapters in place without breaking the optimizer
-def _resize(layer: FlexLoRALinear, keep: list, grow: bool, gen: torch.Generator, optimizer):
-    """Keep the directions `keep` (indices) and, if `grow`, append one new direction (_fresh).
-    New Parameters replace the old ones: resizing in place breaks the backward of a graph still
-    alive (last step's `loss`). The optimizer's groups and state are re-pointed at them, in place.
+# The allocator: score, choose, then rewrite slots in place, the optimizer's state with them
+def _full(t: torch.Tensor) -> torch.Tensor:
+    # the whole tensor: a DTensor (FSDP2 shards P, Λ, Q between steps) is gathered, all others as they are
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@torch.no_grad()
+def _write_slot(t: torch.Tensor, dim: int, j: int, value):
+    """t[slot j along dim] = value, in place; under FSDP2 each process writes its own shard of it."""
+    if not hasattr(t, "full_tensor"):
+        t.select(dim, j).copy_(value)
+        return
+    from torch.distributed.tensor import distribute_tensor
+    full = t.full_tensor()
+    full.select(dim, j).copy_(value)
+    t.to_local().copy_(distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None).to_local())
+
+
+def _set_slot(layer: FlexLoRALinear, j: int, fresh, optimizer):
+    """Slot j takes the direction `fresh` = (p, λ, q), or zeros if None, and comes alive with it
+    (dies without). The optimizer's state of slot j restarts where the optimizer starts it (Adam's
+    moments at 0, Adagrad's sum at its initial value) and any gradient there is dropped: the
+    parameters stay the same objects, so DDP, FSDP and the optimizer's groups never notice.
     Deviation (authors' code): they rebuild the optimizer, losing its state and groups."""
-    # p and q drawn like the initial ones. Deviation (authors' code): std 1, from the global RNG, in float32.
-    fresh = dict(zip(_RANK_DIM, _fresh(layer.init, layer.P.shape[0], 1, layer.Q.shape[1], gen))) if grow else {}
-    # where the optimizer holds each parameter: {id: (its group, index in the group)}
-    slots = {id(p): (g, i) for g in getattr(optimizer, "param_groups", []) for i, p in enumerate(g["params"])}
-    for name, dim in _RANK_DIM.items():
-        old = getattr(layer, name)
-        idx = torch.tensor(keep, dtype=torch.long, device=old.device)
-
-        def reshape(t, new=None):  # slice the kept directions, append the new one
-            t = t.index_select(dim, idx)
-            return t if new is None else torch.cat([t, new.to(t.device, t.dtype)], dim)
-
-        param = nn.Parameter(reshape(old.detach(), fresh.get(name)), requires_grad=old.requires_grad)
-        setattr(layer, name, param)
-        if id(old) in slots:  # swap it in the optimizer's group and state, in place
-            group, i = slots[id(old)]
-            group["params"][i] = param
-            state = optimizer.state.pop(old, {})
-            for k, v in state.items():  # exp_avg, momentum, ...: sliced, padded where the optimizer starts
-                if torch.is_tensor(v) and v.shape == old.shape:
-                    start = float(group.get(_FIRST.get(k), 0.0))
-                    state[k] = reshape(v, torch.full_like(fresh[name], start) if grow else None)
-            optimizer.state[param] = state
+    groups = {id(p): g for g in getattr(optimizer, "param_groups", []) for p in g["params"]}
+    for (name, dim), new in zip(_RANK_DIM.items(), fresh or (None,) * 3):
+        param = getattr(layer, name)
+        _write_slot(param, dim, j, 0.0 if new is None else new.squeeze(dim).to(param.device, param.dtype))
+        if param.grad is not None:
+            _write_slot(param.grad, dim, j, 0.0)
+        for k, v in (optimizer.state.get(param, {}) if optimizer is not None else {}).items():
+            if torch.is_tensor(v) and v.shape == param.shape:  # exp_avg, momentum_buffer, sum, ...
+                _write_slot(v, dim, j, float(groups[id(param)].get(_FIRST.get(k), 0.0)))
+    layer.live[j] = fresh is not None
 
 
 class RankAllocator:
@@ -301,15 +329,19 @@ class RankAllocator:
     after optimizer.step() (and the LR scheduler's), before zero_grad(), t = optimizer steps so far.
     When b(t) > 0 and (t − t_warmup) % interval == 0, the b lowest-scoring matrices lose their weakest
     direction (smallest |λ|: spectra()) and the b highest-scoring gain a new one: the total rank stays.
-    The score is the paper's I(Λ); to try another, subclass and override scores()."""
+    Growth stops at r_max (default: each adapter's slots). The score is the paper's I(Λ); to try
+    another, subclass and override scores()."""
 
     def __init__(self, model: nn.Module, b0: int, t_warmup: int, t_final: int, total_steps: int,
                  interval: int, r_min: int = 1, r_max: int = None, seed: int = 0, schedule: str = "cubic"):
         budget(0, b0, t_warmup, t_final, total_steps, schedule)  # checks the schedule's arguments
         b0, t_warmup, t_final, total_steps = int(b0), int(t_warmup), int(t_final), int(total_steps)  # numpy's too
         interval, r_min, seed = _int("interval", interval, 1), _int("r_min", r_min, 1), _int("seed", seed, 0)
-        r_max = None if r_max is None else _int("r_max (None: no cap)", r_max, r_min)
+        r_max = None if r_max is None else _int("r_max (None: the adapters' slots)", r_max, r_min)
         self.model, self.layers = model, adapters(model, required=True)
+        small = {n: m.r_max for n, m in self.layers.items() if m.r_max < (r_max or 0)}
+        _need(not small, f"r_max={r_max} is more than the slots of {dict(list(small.items())[:3])}: "
+                         f"inject(..., r_max={r_max}) gives the adapters room for it")
         outside = {n: m.r for n, m in self.layers.items() if not r_min <= m.r <= (r_max or m.r)}
         _need(not outside, f"r_min={r_min} and r_max={r_max} must bracket every adapter's current rank "
                            f"(or nothing moves), not {dict(list(outside.items())[:3])}")
@@ -320,12 +352,16 @@ class RankAllocator:
         self.history, self.last_step = [], 0  # last_step: the t of the last step() call; t must grow
 
     def spectra(self) -> dict:
-        """{module name: each direction's size, a float32 CPU tensor}, with one device-to-host copy: λ (paper §3,
-        the singular values as R keeps P, Q near-orthonormal). Deviation (ours), init="lora": P starts at 0 and
-        carries the size while λ stays near 1, so |λ_i|·‖p_i‖·‖q_i‖, the norm of the i-th term of ΔW / s."""
-        size = lambda m: m.Lambda if m.init == "gaussian" else m.Lambda.abs() * m.P.norm(dim=0) * m.Q.norm(dim=1)
+        """{module name: each live direction's size, in slot order, a float32 CPU tensor}, with one device-to-host
+        copy: λ (paper §3, the singular values as R keeps P, Q near-orthonormal). Deviation (ours), init="lora":
+        P starts at 0 and carries the size while λ stays near 1, so |λ_i|·‖p_i‖·‖q_i‖, the i-th term of ΔW / s."""
+        def size(m):
+            lam = _full(m.Lambda)
+            return lam if m.init == "gaussian" else lam.abs() * _full(m.P).norm(dim=0) * _full(m.Q).norm(dim=1)
         flat = torch.cat([size(m).detach().reshape(-1).float() for m in self.layers.values()]).cpu()
-        lams = dict(zip(self.layers, flat.split([m.r for m in self.layers.values()])))
+        live = torch.cat([m.live for m in self.layers.values()]).cpu()
+        slots = dict(zip(self.layers, live.split([m.r_max for m in self.layers.values()])))
+        lams = {n: lam[slots[n]] for n, lam in zip(self.layers, flat.split([m.r_max for m in self.layers.values()]))}
         bad = [n for n, lam in lams.items() if not torch.isfinite(lam).all()]
         _need(not bad, f"non-finite λ in {bad[:3]}: training diverged; lower the learning rate")
         return lams
@@ -348,11 +384,15 @@ class RankAllocator:
         _need(not any(m.merged for m in self.layers.values()), "an adapter is merged: unmerge() it to train on")
         lams = self.spectra()
         scores = self.scores(lams)
+        live = torch.cat([m.live for m in self.layers.values()]).cpu()  # the live slots, in spectra()'s order
+        slots = {n: s.nonzero().squeeze(1).tolist() for n, s in zip(self.layers, live.split(
+            [m.r_max for m in self.layers.values()]))}
         ranks = {n: lam.numel() for n, lam in lams.items()}
+        cap = {n: min(c["r_max"] or m.r_max, m.r_max) for n, m in self.layers.items()}
 
         # 1) candidates, ties broken by name so that every process decides the same
         prune = sorted((n for n in ranks if ranks[n] > c["r_min"]), key=lambda n: (scores[n], n))
-        grow = sorted((n for n in ranks if ranks[n] < (c["r_max"] or math.inf)), key=lambda n: (-scores[n], n))
+        grow = sorted((n for n in ranks if ranks[n] < cap[n]), key=lambda n: (-scores[n], n))
         # 2) the largest k <= b such that the k lowest are pruned and k others grow: the total rank
         #    is conserved, and 3 matrices with b = 8 still move one direction (k = 1)
         k = min(b, len(prune))
@@ -360,11 +400,11 @@ class RankAllocator:
             k -= 1
         pruned = prune[:k]
         expanded = [n for n in grow if n not in pruned][:k]
-        # nothing has changed yet: can the optimizer follow the parameters to be resized?
+        # nothing has changed yet: can the optimizer's state follow the slots to be rewritten?
         params = [getattr(self.layers[n], f) for n in pruned + expanded for f in _RANK_DIM]
         if optimizer is None and any(p.requires_grad for p in params):
-            warnings.warn("RankAllocator.step(t) resized adapters with no optimizer: the new parameters "
-                          "are in none and will not train; pass it: step(t, optimizer)", stacklevel=2)
+            warnings.warn("RankAllocator.step(t) rewrote adapter slots with no optimizer: if one trains them, "
+                          "its state there is stale; pass it: step(t, optimizer)", stacklevel=2)
         elif optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             _need(all(id(p) in held for p in params if p.requires_grad), "the optimizer does not hold the "
@@ -373,14 +413,19 @@ class RankAllocator:
             shaped = all(not torch.is_tensor(v) or v.dim() == 0 or v.shape == p.shape
                          for p in params for v in optimizer.state.get(p, {}).values())
             _need(kind not in ("LBFGS", "Adafactor") and shaped, f"{kind} keeps state not shaped like each "
-                  f"parameter, which a rank change cannot resize: use Adam, AdamW, SGD, RMSprop, Adagrad, Rprop")
+                  f"parameter, whose slots cannot be reset: use Adam, AdamW, SGD, RMSprop, Adagrad, Rprop")
 
-        # 3) prune the smallest |λ| (size; the first of equals), 4) expand: a new direction, last
+        # 3) prune the smallest |λ| (size; the first of equals): its slot dies, at zero
         # Deviation (authors' code): they take the signed argmin, which can drop the strongest.
-        removed = {n: int(lams[n].abs().argmin()) for n in pruned}
-        for name in pruned + expanded:
-            keep = [j for j in range(ranks[name]) if j != removed.get(name)]
-            _resize(self.layers[name], keep, name in expanded, self.generator, optimizer)
+        removed = {n: slots[n][int(lams[n].abs().argmin())] for n in pruned}  # its slot
+        for name in pruned:
+            _set_slot(self.layers[name], removed[name], None, optimizer)
+        # 4) expand: the first dead slot takes a new direction (_fresh), drawn like the initial ones
+        # Deviation (authors' code): std 1, from the global RNG, in float32.
+        for name in expanded:
+            layer = self.layers[name]
+            j = int((~layer.live).nonzero()[0])  # (r < r_max: there is one)
+            _set_slot(layer, j, _fresh(layer.init, layer.P.shape[0], 1, layer.Q.shape[1], self.generator), optimizer)
         record = dict(step=t, b=b, k=k, scores=scores, pruned=pruned, removed=removed,
                       expanded=expanded, ranks={n: m.r for n, m in self.layers.items()})
         self.history.append(record)
@@ -405,27 +450,32 @@ class RankAllocator:
 # -----------------------------------------------------------------------------
 # Saving and loading (safetensors: no pickle), merging
 def save_adapter(model: nn.Module, path: str):
-    """Save every trainable parameter (adapters and heads) with each adapter's alpha and r_init."""
+    """Save every trainable parameter (adapters and heads): of each adapter its live directions
+    only, P (d_out, r), λ (r,), Q (r, d_in) in slot order, with its alpha, r_init, init and r_max."""
     from safetensors.torch import save_file
     layers = adapters(model, required=True)
-    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tensors |= {f"{name}.{f}": getattr(layer, f).detach().contiguous()  # even if the user froze some
-                for name, layer in layers.items() for f in _RANK_DIM}
-    config = {n: {"r": m.r, "r_init": m.r_init, "alpha": m.alpha, "init": m.init} for n, m in layers.items()}
+    tensors = {n: _full(p).detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for name, layer in layers.items():  # even if the user froze some
+        tensors |= {f"{name}.{f}": t.contiguous() for f, t in zip(_RANK_DIM, layer.live_factors())}
+    config = {n: {"r": m.r, "r_init": m.r_init, "alpha": m.alpha, "init": m.init, "r_max": m.r_max}
+              for n, m in layers.items()}
     save_file(tensors, path, metadata={"format": "flexlora", "adapters": json.dumps(config)})
 
 
 def load_adapter(model: nn.Module, path: str):
     """Load a save_adapter() file into a model injected with the same target_modules (any r): the
-    ranks, alpha, r_init and init come from the file. Build the optimizer after: the parameters are new."""
+    ranks, alpha, r_init, init and slots come from the file (files without r_max: the model's slots,
+    or more if the file's rank needs them). The values are copied: the file can change afterwards.
+    Build the optimizer after: where the slots differ from the model's, the parameters are new."""
     from safetensors import SafetensorError, safe_open
-    layers, params = adapters(model), dict(model.named_parameters())
+    layers = adapters(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     _need(not os.path.isdir(path), f"{path} is a directory: pass the file that save_adapter() wrote")
     try:  # read all of it (metadata and tensors in one read), then check all of it
         with safe_open(path, "pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         _need(meta.get("format") == "flexlora" and "adapters" in meta, "not a flexlora.save_adapter() file")
-        config = json.loads(meta["adapters"])  # {module name: {r, r_init, alpha, init}}
+        config = json.loads(meta["adapters"])  # {module name: {r, r_init, alpha, init, r_max}}
         _need(isinstance(config, dict) and all(isinstance(c, dict) for c in config.values()),
               "its 'adapters' metadata is not a {module name: {r, r_init, alpha, init}} object")
         extra, absent = sorted(set(config) - set(layers)), sorted(set(layers) - set(config))
@@ -440,25 +490,38 @@ def load_adapter(model: nn.Module, path: str):
             _need(ok, f"adapter {name}: P {tuple(P.shape)}, λ {tuple(lam.shape)}, Q {tuple(Q.shape)} make no ΔW "
                       f"of the model's shape ({d_out}, {d_in})")
         for name, value in tensors.items():
-            have = tuple(params[name].shape) if name in params else "nothing"
+            have = tuple(params[name].shape) if name in params else "no trainable parameter"
             _need(name in own or have == value.shape, f"{name} of shape {tuple(value.shape)}, the model {have}")
             _need(torch.isfinite(value).all(), f"{name} holds non-finite values (saved from a diverged run?)")
         bad = [c.get("init") for c in config.values() if c.get("init", "gaussian") not in INITS]
         _need(not bad, f"init {bad[:1]} is none of {INITS}")
-        config = {n: (_int(f"{n}: r_init", c.get("r_init"), 1), _positive(f"{n}: alpha", c.get("alpha")),
-                      c.get("init", "gaussian")) for n, c in config.items()}  # (files from before init: gaussian)
-    except (ValueError, SafetensorError) as e:  # json.JSONDecodeError is a ValueError
+        settings = {}
+        for n, c in config.items():  # (files from before init: gaussian; before r_max: the model's)
+            r = tensors[f"{n}.Lambda"].shape[0]
+            r_init, alpha = _int(f"{n}: r_init", c.get("r_init"), 1), _positive(f"{n}: alpha", c.get("alpha"))
+            r_max = _int(f"{n}: r_max (at least its rank)", c.get("r_max", max(r, layers[n].r_max)), r)
+            settings[n] = (r_init, alpha, c.get("init", "gaussian"), r_max, alpha / r_init)  # (may overflow)
+    except (ValueError, OverflowError, SafetensorError) as e:  # json.JSONDecodeError is a ValueError
         why = f"its 'adapters' metadata is broken JSON ({e})" if isinstance(e, json.JSONDecodeError) else e
         raise ValueError(f"{path} cannot be loaded, nothing was changed: {why}") from None
 
     for name, layer in layers.items():  # then apply, knowing that all of it fits
         layer.unmerge()
-        for f in _RANK_DIM:
-            old = getattr(layer, f)
-            value = tensors.pop(f"{name}.{f}").to(old.device, old.dtype)
-            setattr(layer, f, nn.Parameter(value, requires_grad=old.requires_grad))
-        layer.r_init, layer.alpha, layer.init = config[name]
-        layer.scaling = layer.alpha / layer.r_init
+        r_init, alpha, init, r_max, scaling = settings[name]
+        if r_max != layer.r_max:  # other slots: new parameters (zeros, filled below)
+            for f, d in _RANK_DIM.items():
+                old = getattr(layer, f)
+                shape = list(old.shape)
+                shape[d] = r_max
+                setattr(layer, f, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
+            layer.live = torch.zeros(r_max, dtype=torch.bool, device=layer.live.device)
+        r = tensors[f"{name}.Lambda"].shape[0]
+        with torch.no_grad():
+            for f, d in _RANK_DIM.items():  # slots 0 .. r - 1 live, the rest dead at zero
+                slots = getattr(layer, f).zero_().narrow(d, 0, r)
+                slots.copy_(tensors.pop(f"{name}.{f}"))
+            layer.live.copy_(torch.arange(r_max, device=layer.live.device) < r)
+        layer.r_init, layer.alpha, layer.init, layer.scaling = r_init, alpha, init, scaling
     with torch.no_grad():
         for name, value in tensors.items():  # the other trainable parameters, e.g. the classifier
             params[name].copy_(value)

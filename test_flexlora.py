@@ -19,19 +19,23 @@ import flexlora as fl
 from demo import Matrices, make_problem, train
 
 # most tests allocate without an optimizer on purpose; the warning itself has its own test
-pytestmark = pytest.mark.filterwarnings("ignore:RankAllocator.step.t. resized adapters with no optimizer")
+pytestmark = pytest.mark.filterwarnings("ignore:RankAllocator.step.t. rewrote adapter slots with no optimizer")
 
 # -----------------------------------------------------------------------------
 # helpers
 
 
 def set_lambda(layer, values):
-    """Give an adapter exactly these λ (resizing P and Q with fresh random directions)."""
+    """Give an adapter exactly these λ in its first len(values) slots, with fresh random P and Q
+    there; the other slots dead, at zero (in place: the parameters stay the same objects)."""
     values = torch.as_tensor(values, dtype=layer.P.dtype)
-    r, (d_out, d_in) = len(values), (layer.P.shape[0], layer.Q.shape[1])
-    layer.P = nn.Parameter(torch.randn(d_out, r, dtype=layer.P.dtype) * 0.3)
-    layer.Q = nn.Parameter(torch.randn(r, d_in, dtype=layer.Q.dtype) * 0.3)
-    layer.Lambda = nn.Parameter(values.clone())
+    r, (d_out, d_in), n = len(values), (layer.P.shape[0], layer.Q.shape[1]), layer.r_max
+    assert r <= n, "more λ than slots"
+    with torch.no_grad():
+        layer.P.zero_()[:, :r] = torch.randn(d_out, r, dtype=layer.P.dtype) * 0.3
+        layer.Q.zero_()[:r] = torch.randn(r, d_in, dtype=layer.Q.dtype) * 0.3
+        layer.Lambda.zero_()[:r] = values
+        layer.live.copy_(torch.arange(n) < r)
 
 
 def matrices(n=4, d=8, r=3, dtype=torch.float32, seed=0):

@@ -490,8 +490,9 @@ def load_adapter(model: nn.Module, path: str):
             _need(ok, f"adapter {name}: P {tuple(P.shape)}, λ {tuple(lam.shape)}, Q {tuple(Q.shape)} make no ΔW "
                       f"of the model's shape ({d_out}, {d_in})")
         for name, value in tensors.items():
-            have = tuple(params[name].shape) if name in params else "no trainable parameter"
-            _need(name in own or have == value.shape, f"{name} of shape {tuple(value.shape)}, the model {have}")
+            have = f"{tuple(params[name].shape)}" if name in params else "no trainable parameter of that name"
+            _need(name in own or have == f"{tuple(value.shape)}",
+                  f"{name} of shape {tuple(value.shape)}: the model has {have}")
             _need(torch.isfinite(value).all(), f"{name} holds non-finite values (saved from a diverged run?)")
         bad = [c.get("init") for c in config.values() if c.get("init", "gaussian") not in INITS]
         _need(not bad, f"init {bad[:1]} is none of {INITS}")

@@ -124,7 +124,7 @@ def test_lora_init_starts_p_at_zero_and_gives_it_a_gradient_at_once():
     x = torch.randn(3, 6)
     for init in ("gaussian", "lora"):
         base = nn.Linear(6, 4)
-        layer = fl.FlexLoRALinear(base, r=2, alpha=4, init=init)
+        layer = fl.FlexLoRALinear(base, r=2, alpha=4, init=init, r_max=2)  # (no dead slot)
         assert torch.equal(layer.delta_weight(), torch.zeros(4, 6)) and torch.equal(layer(x), base(x))
         G = torch.randn(3, 4)  # ∂loss/∂y
         (layer(x) * G).sum().backward()
@@ -143,22 +143,22 @@ def test_lora_init_scores_and_prunes_by_the_norm_of_each_term_and_grows_at_p_zer
     # with P at 0 and λ near 1, λ says nothing: spectra() gives |λ_i|·‖p_i‖·‖q_i‖, the norm of each term
     torch.manual_seed(0)
     model = Matrices(3, 8)
-    fl.inject(model, r"mats\.\d+", r=3, alpha=6, init="lora")
+    fl.inject(model, r"mats\.\d+", r=3, alpha=6, init="lora", r_max=4)
     layers = list(fl.adapters(model).values())
     with torch.no_grad():
         for m in layers:
-            m.P.normal_()
+            m.P[:, :3].normal_()  # the live slots
         layers[0].P[:, 1] *= 1e-3  # the weakest term of mats.0 (its λ is not the smallest)
-        layers[0].Lambda.copy_(torch.tensor([0.5, 2.0, 1.0]))
+        layers[0].Lambda[:3] = torch.tensor([0.5, 2.0, 1.0])
         layers[0].P[:, 0] *= 10  # one strong term: mats.0 is the most peaked
     strength = layers[0].Lambda.abs() * layers[0].P.norm(dim=0) * layers[0].Q.norm(dim=1)
-    assert torch.allclose(allocator(model).spectra()["mats.0"], strength.detach())
+    assert torch.allclose(allocator(model).spectra()["mats.0"], strength[:3].detach())  # live slots only
     x = torch.randn(5, 8)
     before = model(x)
     rec = allocator(model, b0=1).step(1)
     assert rec["pruned"] == ["mats.0"] and rec["removed"] == {"mats.0": 1}
-    grown = fl.adapters(model)[rec["expanded"][0]]
-    assert grown.P[:, -1].abs().sum() == 0 and grown.Lambda[-1] == 1 and grown.Q[-1].abs().sum() > 0
+    grown = fl.adapters(model)[rec["expanded"][0]]  # in its first dead slot, 3
+    assert grown.live[3] and grown.P[:, 3].abs().sum() == 0 and grown.Lambda[3] == 1 and grown.Q[3].abs().sum() > 0
     k = int(rec["expanded"][0].split(".")[1])
     assert torch.allclose(model(x)[:, k], before[:, k], atol=1e-6)  # the new term adds nothing yet
 
@@ -249,9 +249,10 @@ def test_budget_wants_an_integer_step(t):
 
 def test_orthogonal_regularizer():
     model = matrices(n=2, d=8, r=3)
-    for layer in fl.adapters(model).values():  # orthonormal columns of P and rows of Q
-        layer.P = nn.Parameter(torch.linalg.qr(torch.randn(8, 3))[0])
-        layer.Q = nn.Parameter(torch.linalg.qr(torch.randn(8, 3))[0].T.contiguous())
+    with torch.no_grad():
+        for layer in fl.adapters(model).values():  # orthonormal columns of P and rows of Q (live slots)
+            layer.P[:, :3] = torch.linalg.qr(torch.randn(8, 3))[0]
+            layer.Q[:3] = torch.linalg.qr(torch.randn(8, 3))[0].T
     R = fl.orthogonal_regularizer(model)
     assert R.dim() == 0 and R.item() < 1e-5
     R.backward()  # differentiable at the optimum: no NaN from the norm's gradient
@@ -259,7 +260,7 @@ def test_orthogonal_regularizer():
 
     model = matrices(n=2, d=8, r=3)  # random init: by hand, mean over adapters
     eye = torch.eye(3)
-    by_hand = sum(torch.linalg.norm(m.P.T @ m.P - eye) + torch.linalg.norm(m.Q @ m.Q.T - eye)
+    by_hand = sum(torch.linalg.norm(m.P[:, :3].T @ m.P[:, :3] - eye) + torch.linalg.norm(m.Q[:3] @ m.Q[:3].T - eye)
                   for m in fl.adapters(model).values()) / 2
     R = fl.orthogonal_regularizer(model)
     assert R.item() > 1 and R.item() == pytest.approx(by_hand.item(), rel=1e-6)
@@ -270,10 +271,12 @@ def test_orthogonal_regularizer():
 
 
 def orthogonal_regularizer_plain(model):
-    """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F, as the paper writes it, one adapter at a time."""
+    """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F, as the paper writes it, one adapter at a time,
+    P and Q cut to their live slots."""
     layers = fl.adapters(model).values()
-    norm, eye = torch.linalg.matrix_norm, lambda m: torch.eye(m.r)
-    return sum(norm(m.P.T @ m.P - eye(m)) + norm(m.Q @ m.Q.T - eye(m)) for m in layers) / len(layers)
+    norm, eye, live = torch.linalg.matrix_norm, lambda m: torch.eye(m.r), lambda m: m.live.nonzero().squeeze(1)
+    return sum(norm(m.P[:, live(m)].T @ m.P[:, live(m)] - eye(m)) + norm(m.Q[live(m)] @ m.Q[live(m)].T - eye(m))
+               for m in layers) / len(layers)
 
 
 def test_orthogonal_regularizer_batched_equals_plain():
@@ -281,11 +284,11 @@ def test_orthogonal_regularizer_batched_equals_plain():
     # Gram computation gives the plain per-adapter definition's value and gradients
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 12), nn.Linear(8, 8))
-    fl.inject(model, ["0", "1", "2", "3", "4"], r=2, alpha=4)
+    fl.inject(model, ["0", "1", "2", "3", "4"], r=2, alpha=4)  # 4 slots each
     for layer, r in zip(fl.adapters(model).values(), [1, 3, 4, 2, 2]):
-        layer.P = nn.Parameter(0.5 * torch.randn(layer.P.shape[0], r))
-        layer.Lambda = nn.Parameter(torch.zeros(r))
-        layer.Q = nn.Parameter(0.5 * torch.randn(r, layer.Q.shape[1]))
+        set_lambda(layer, torch.zeros(r))
+        with torch.no_grad():  # values in the dead slots too: the mask, not the zeros, keeps them out
+            layer.P[:, r:].normal_(), layer.Q[r:].normal_()
     layers = list(fl.adapters(model).values())
     ref = orthogonal_regularizer_plain(model)
     ref.backward()
@@ -297,9 +300,11 @@ def test_orthogonal_regularizer_batched_equals_plain():
     for m, (gP, gQ) in zip(layers, ref_grads):
         torch.testing.assert_close(m.P.grad, gP, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(m.Q.grad, gQ, rtol=1e-5, atol=1e-7)
+        assert not m.P.grad[:, ~m.live].any() and not m.Q.grad[~m.live].any()  # dead slots: exactly 0
     # and both are the definition, written out by hand for one adapter
     m = layers[1]
-    by_hand = (torch.linalg.norm(m.P.T @ m.P - torch.eye(3)) + torch.linalg.norm(m.Q @ m.Q.T - torch.eye(3)))
+    P, Q = m.P[:, :3], m.Q[:3]
+    by_hand = (torch.linalg.norm(P.T @ P - torch.eye(3)) + torch.linalg.norm(Q @ Q.T - torch.eye(3)))
     assert orthogonal_regularizer_plain(nn.Sequential(m)).item() == pytest.approx(by_hand.item(), rel=1e-6)
 
 
@@ -340,8 +345,9 @@ def test_allocation_prunes_lowest_and_expands_highest_entropy():
     assert rec["removed"] == {"mats.0": 2, "mats.1": 1}
     assert fl.rank_pattern(model) == {"mats.0": 2, "mats.1": 2, "mats.2": 3, "mats.3": 3,
                                       "mats.4": 4, "mats.5": 4}
-    assert model.mats[0].Lambda.tolist() == [1.0, -9.0]  # the large negative λ is kept
-    assert model.mats[5].Lambda.tolist() == before["mats.5"].tolist() + [0.0]
+    lam = lambda k: model.mats[k].live_factors()[1].tolist()  # the live λ, in slot order
+    assert lam(0) == [1.0, -9.0] and model.mats[0].Lambda[2] == 0  # the large negative λ is kept
+    assert lam(5) == before["mats.5"][:3].tolist() + [0.0]  # the new one in slot 3
 
 
 def test_allocation_respects_r_min_and_r_max():
@@ -376,10 +382,13 @@ def test_total_rank_is_conserved_over_hundreds_of_allocations():
     for t in range(1, 401):
         with torch.no_grad():  # a new random spectrum everywhere, as training would give
             for layer in fl.adapters(model).values():
-                layer.Lambda.copy_(torch.randn(layer.r) ** 3)
+                layer.Lambda[layer.live] = torch.randn(layer.r) ** 3
         rec = alloc.step(t)
         ranks = fl.rank_pattern(model).values()
         assert sum(ranks) == 21 and all(1 <= r <= 6 for r in ranks)
+        for layer in fl.adapters(model).values():  # the dead slots: zeros
+            dead = ~layer.live
+            assert not (layer.P[:, dead].any() or layer.Lambda[dead].any() or layer.Q[dead].any())
         assert not set(rec["pruned"]) & set(rec["expanded"])
     assert len(alloc.history) == 400 and sum(h["k"] for h in alloc.history) > 400
 
@@ -467,7 +476,7 @@ def test_expansion_does_not_move_the_output(dtype):
     for name in rec["expanded"]:  # outputs of the expanded matrices are unchanged
         k = int(name.split(".")[1])
         assert torch.allclose(after[:, k], before[:, k], atol=1e-6, rtol=0)
-        assert fl.adapters(model)[name].Lambda[-1].item() == 0.0
+        assert fl.adapters(model)[name].Lambda[3].item() == 0.0  # (its first dead slot)
 
 
 def test_prune_removes_exactly_that_directions_contribution():
@@ -515,7 +524,7 @@ def loss_fn(model, x, y):
 
 
 @pytest.mark.parametrize("optim, keys", [("adamw", ("exp_avg", "exp_avg_sq")), ("sgd", ("momentum_buffer",))])
-def test_optimizer_state_is_sliced_and_padded(optim, keys):
+def test_optimizer_state_is_reset_in_the_rewritten_slots_only(optim, keys):
     model, opt, sched = training_setup(optim)
     torch.manual_seed(1)
     x, y = torch.randn(32, 8), torch.randn(32, 6)
@@ -525,23 +534,20 @@ def test_optimizer_state_is_sliced_and_padded(optim, keys):
         sched.step()
         opt.zero_grad()
     settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    old_state = {n: {k: opt.state[p][k].clone() for k in keys}
-                 for n, p in model.named_parameters() if p.requires_grad}
+    params = dict(model.named_parameters())
+    old_state = {n: {k: opt.state[p][k].clone() for k in keys} for n, p in params.items() if p.requires_grad}
     rec = allocator(model, b0=2).step(1, opt)
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same parameter objects
     pruned, i = rec["pruned"][0], rec["removed"][rec["pruned"][0]]
-    grown = rec["expanded"][0]
-    for f, dim in (("P", 1), ("Lambda", 0), ("Q", 0)):
-        p_new = getattr(fl.adapters(model)[pruned], f)
-        for k in keys:
-            old = old_state[f"{pruned}.{f}"][k]
-            keep = [j for j in range(old.shape[dim]) if j != i]
-            assert torch.equal(opt.state[p_new][k], old.index_select(dim, torch.tensor(keep)))
-        p_new = getattr(fl.adapters(model)[grown], f)
-        for k in keys:
-            old = old_state[f"{grown}.{f}"][k]
-            new = opt.state[p_new][k]
-            assert torch.equal(new.narrow(dim, 0, old.shape[dim]), old)
-            assert torch.equal(new.narrow(dim, old.shape[dim], 1), torch.zeros_like(new.narrow(dim, 0, 1)))
+    grown, j = rec["expanded"][0], 3  # a new direction takes the first dead slot
+    for name, slot in ((pruned, i), (grown, j)):
+        for f, dim in (("P", 1), ("Lambda", 0), ("Q", 0)):
+            for k in keys:
+                old, new = old_state[f"{name}.{f}"][k], opt.state[params[f"{name}.{f}"]][k]
+                others = [s for s in range(old.shape[dim]) if s != slot]
+                assert torch.equal(new.index_select(dim, torch.tensor(others)),
+                                   old.index_select(dim, torch.tensor(others)))
+                assert not new.select(dim, slot).any() and old.select(dim, slot).any() == (name == pruned)
     # groups untouched, every live parameter is driven by the optimizer, nothing stale kept
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == settings
     live = {id(p) for p in model.parameters() if p.requires_grad}
@@ -571,15 +577,28 @@ def test_training_goes_on_after_allocations_with_the_previous_loss_alive():
     assert new.grad is None and opt.state[new]["step"] > 0
 
 
-def test_in_place_resize_would_break_the_next_backward():
-    """The trap _resize avoids (new Parameters, not `p.data = bigger`), shown so that the test
-    above is known to guard it."""
-    p = nn.Parameter(torch.randn(2, 4))
-    loss = (torch.randn(3, 4) @ p.T).sum()
-    loss.backward()
-    p.data = torch.randn(3, 4)  # resize in place while `loss`'s graph is alive
-    with pytest.raises(RuntimeError, match="invalid gradient"):
-        (torch.randn(3, 4) @ p.T).sum().backward()
+@pytest.mark.parametrize("init", fl.INITS)
+def test_a_dead_slot_gets_exactly_zero_gradient_and_never_moves(init):
+    # AdamW with weight decay, R and the task loss: a pruned slot stays at zero, whatever the live ones do
+    torch.manual_seed(0)
+    model = matrices(n=3, d=8, r=3)
+    for layer in fl.adapters(model).values():
+        layer.init = init
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(32, 8), torch.randn(32, 3, 8)
+    alloc = allocator(model, b0=1, interval=4)
+    for t in range(1, 41):
+        ((model(x) - y).square().mean() + 0.1 * fl.orthogonal_regularizer(model)).backward()
+        for m in fl.adapters(model).values():
+            dead = ~m.live
+            assert not (m.P.grad[:, dead].any() or m.Lambda.grad[dead].any() or m.Q.grad[dead].any())
+        opt.step()
+        alloc.step(t, opt)
+        opt.zero_grad()
+        for m in fl.adapters(model).values():
+            dead = ~m.live
+            assert not (m.P[:, dead].any() or m.Lambda[dead].any() or m.Q[dead].any())
+    assert len(alloc.history) == 10 and sum(len(h["pruned"]) for h in alloc.history) == 10
 
 
 def test_optimizer_missing_the_adapter_is_reported():
@@ -607,8 +626,8 @@ def test_optimizer_missing_some_adapters_leaves_all_as_it_was():
 
 def test_allocating_without_optimizer_warns_once_while_adapters_train():
     model = spectra_model()
-    with pytest.warns(UserWarning, match=r"no optimizer.*will not train; pass it: step\(t, optimizer\)") as caught:
-        allocator(model, b0=2).step(1)  # 4 adapters resized, one warning
+    with pytest.warns(UserWarning, match=r"no optimizer.*stale; pass it: step\(t, optimizer\)") as caught:
+        allocator(model, b0=2).step(1)  # 4 adapters rewritten, one warning
     assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller's line
     frozen = spectra_model().requires_grad_(False)  # nothing trains: nothing to warn about
     with warnings.catch_warnings():
@@ -645,8 +664,9 @@ def test_new_direction_state_starts_where_the_optimizer_starts_it(make_opt, firs
     rec = allocator(model, b0=2).step(1, opt)
     assert "mats.5" in rec["expanded"]
     Q = model.mats[5].Q
+    others = torch.tensor([0, 1, 2, 4, 5])  # the new direction is in slot 3
     for k, value in first.items():
-        assert torch.equal(opt.state[Q][k][:3], old[k])  # the kept directions keep theirs
+        assert torch.equal(opt.state[Q][k][others], old[k][others])  # the other slots keep theirs
         assert torch.equal(opt.state[Q][k][3], torch.full((8,), value))  # the new one starts fresh
     for _ in range(3):  # and training goes on, moving the new direction
         opt.zero_grad()
@@ -689,6 +709,56 @@ def test_optimizer_with_state_not_shaped_like_the_parameter_is_refused(make_opt,
     assert_unchanged(model, snap, opt)
 
 
+def golden_run(init, r_max=None):
+    """A demo-like problem, 8 matrices, 30 allocations of b = 2 (constant schedule): losses and decisions."""
+    torch.manual_seed(0)
+    teacher, student = make_problem([0, 1, 2, 4, 0, 3, 1, 6], d=16, seed=0)
+    fl.inject(student, r"mats\.\d+", r=3, alpha=3, init=init, **({} if r_max is None else dict(r_max=r_max)))
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    alloc = fl.RankAllocator(student, b0=2, t_warmup=10, t_final=20, total_steps=150, interval=4, seed=0,
+                             schedule="constant")
+    losses, decisions = [], []
+    for t in range(1, 151):
+        x = torch.randn(64, 16)
+        mse = (student(x) - teacher(x)).pow(2).mean()
+        (mse + 0.1 * fl.orthogonal_regularizer(student)).backward()
+        opt.step()
+        rec = alloc.step(t, opt)
+        opt.zero_grad()
+        losses.append(mse.item())
+        if rec:
+            decisions.append([rec["step"], rec["pruned"], rec["expanded"], list(rec["ranks"].values())])
+    return dict(losses=losses, decisions=decisions)
+
+
+@pytest.mark.parametrize("init", fl.INITS)
+def test_same_decisions_and_losses_as_the_resizing_adapter(init):
+    # testdata/golden_allocations.json: golden_run() at commit f4610e5, whose allocations replaced P, Λ, Q by
+    # new Parameters of the new rank. With slots to spare (ranks reach 10 of 16) the slotted adapter decides
+    # the same at each of the 30 allocations, and its losses match up to float re-association
+    gold = json.loads((Path(__file__).parent / "testdata" / "golden_allocations.json").read_text())[init]
+    new = golden_run(init, r_max=16)
+    assert new["decisions"] == gold["decisions"] and max(max(d[3]) for d in gold["decisions"]) in (9, 10)
+    assert np.abs(np.array(new["losses"]) - gold["losses"]).max() < 1e-6
+    capped = golden_run(init, r_max=6)  # where a matrix would pass its 6 slots, the decisions part
+    assert max(max(d[3]) for d in capped["decisions"]) == 6 and capped["decisions"] != gold["decisions"]
+
+
+def test_growth_stops_at_the_slots_and_r_max_cannot_exceed_them():
+    class Favourite(fl.RankAllocator):  # mats.5 always scores highest, so it grows whenever it can
+        def scores(self, lams):
+            return {n: float(n == "mats.5") for n in lams}
+    model = spectra_model()  # r = 3, 6 slots
+    alloc = Favourite(model, b0=1, t_warmup=0, t_final=0, total_steps=100, interval=1, schedule="constant")
+    for t in range(1, 6):
+        assert (alloc.step(t)["expanded"] == ["mats.5"]) == (t <= 3)  # full after 3 allocations
+    assert model.mats[5].r == 6 and sum(fl.rank_pattern(model).values()) == 18
+    with pytest.raises(ValueError, match=r"r_max=7 is more than the slots.*inject\(\.\.\., r_max=7\)"):
+        allocator(spectra_model(), r_max=7)
+    with pytest.raises(ValueError, match=r"r_max \(the slots"):
+        fl.inject(Matrices(2, 4), r"mats\.\d+", r=3, alpha=3, r_max=2)
+
+
 # -----------------------------------------------------------------------------
 # 8. determinism, our own generator, the adapter's dtype
 
@@ -716,10 +786,10 @@ def test_new_directions_come_from_the_allocators_generator_in_the_adapters_dtype
     layer = fl.adapters(model)[rec["expanded"][0]]
     assert layer.P.dtype == layer.Q.dtype == layer.Lambda.dtype == torch.bfloat16
     assert layer.P.device == layer.base.weight.device
-    assert 0.005 < layer.P[:, -1].float().std().item() < 0.05  # drawn like the init: σ = 0.02
+    assert 0.005 < layer.P[:, 3].float().std().item() < 0.05  # drawn like the init: σ = 0.02
     g = torch.Generator().manual_seed(7)  # the same draw by hand
     expected = (torch.randn(8, 1, generator=g) * fl.SIGMA_INIT).bfloat16()
-    assert torch.equal(fl.adapters(model)["mats.5"].P[:, -1:], expected)
+    assert torch.equal(fl.adapters(model)["mats.5"].P[:, 3:4], expected)
     x = torch.randn(4, 8).bfloat16()
     assert torch.isfinite(model(x)).all()
 
@@ -907,7 +977,9 @@ def put(name, value):
 
 CORRUPTIONS = {  # what a file can get wrong, each with the error it must give
     "head of another shape": (put("head.weight", torch.zeros(2, 6)), r"head\.weight of shape \(2, 6\)"),
-    "unknown tensor": (put("tail.weight", torch.zeros(3)), r"tail\.weight of shape \(3,\), the model nothing"),
+    "unknown tensor": (put("tail.weight", torch.zeros(3)), r"tail\.weight of shape \(3,\): the model has no trainable"),
+    "frozen base weight": (put("mats.0.base.weight", torch.zeros(8, 8)), r"mats\.0\.base\.weight of shape \(8, 8\): "
+                                                                        r"the model has no trainable parameter"),
     "P of another height": (put("mats.5.P", torch.zeros(9, 4)), r"adapter mats\.5: P \(9, 4\)"),
     "λ longer than P is wide": (put("mats.5.Lambda", torch.zeros(5)), r"adapter mats\.5"),
     "λ not 1-D": (put("mats.5.Lambda", torch.zeros(4, 1)), r"adapter mats\.5"),

@@ -18,7 +18,6 @@ import torch.nn as nn
 from scipy.stats import spearmanr
 
 import flexlora as fl
-from train_common import churn
 
 # -----------------------------------------------------------------------------
 # The toy problem
@@ -61,7 +60,7 @@ def train(planted, r0=3, steps=3000, b0=2, t_warmup=200, t_final=600, interval=2
     """Train the student; returns (student, allocator, list of losses)."""
     torch.manual_seed(seed)
     teacher, student = make_problem(planted, d, seed)
-    fl.inject(student, r"mats\.\d+", r=r0, alpha=r0)
+    fl.inject(student, r"mats\.\d+", r=r0, alpha=r0, r_max=d)  # d slots: the cap never binds
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.0)
     alloc = fl.RankAllocator(student, b0, t_warmup, t_final, steps, interval, seed=seed)
@@ -98,7 +97,7 @@ if __name__ == "__main__":
     student, alloc, losses = train(args.planted, r0=args.r0, steps=args.steps, b0=args.b0,
                                    interval=args.interval, seed=args.seed, log_every=args.steps // 15)
     final = list(fl.rank_pattern(student).values())
-    c = churn(alloc.history)
+    c = fl.churn(alloc.history)
     print(f"\nplanted ranks   {args.planted}  (total {sum(args.planted)})")
     print(f"final ranks     {final}  (total {sum(final)}, conserved from {args.r0} x {len(final)})")
     print(f"rank correlation (Spearman) {spearmanr(args.planted, final).statistic:.2f}")

@@ -422,12 +422,14 @@ class RankAllocator:
             _set_slot(self.layers[name], removed[name], None, optimizer)
         # 4) expand: the first dead slot takes a new direction (_fresh), drawn like the initial ones
         # Deviation (authors' code): std 1, from the global RNG, in float32.
+        added = {}
         for name in expanded:
             layer = self.layers[name]
-            j = int((~layer.live).nonzero()[0])  # (r < r_max: there is one)
-            _set_slot(layer, j, _fresh(layer.init, layer.P.shape[0], 1, layer.Q.shape[1], self.generator), optimizer)
-        record = dict(step=t, b=b, k=k, scores=scores, pruned=pruned, removed=removed,
-                      expanded=expanded, ranks={n: m.r for n, m in self.layers.items()})
+            added[name] = int((~layer.live).nonzero()[0])  # (r < r_max: there is one)
+            _set_slot(layer, added[name], _fresh(layer.init, layer.P.shape[0], 1, layer.Q.shape[1], self.generator),
+                      optimizer)
+        record = dict(step=t, b=b, k=k, scores=scores, pruned=pruned, removed=removed, expanded=expanded,
+                      added=added, ranks={n: m.r for n, m in self.layers.items()})
         self.history.append(record)
         self.last_step = t
         return record
@@ -445,6 +447,19 @@ class RankAllocator:
         self.generator.set_state(d["generator"])
         self.history = list(d["history"])
         self.last_step = d.get("last_step", d["history"][-1]["step"] if d["history"] else 0)  # (or older files)
+
+
+def churn(history: list) -> dict:
+    """Prune/expand oscillation in RankAllocator.history: of the directions added at one allocation
+    (added_with_a_next: those followed by another allocation), how many the very next one removed
+    (added_removed_at_next), and the matrices that flip between the prune and expand sets."""
+    added = removed = flips = 0
+    for prev, cur in zip(history, history[1:]):
+        added += len(prev["expanded"])
+        removed += sum(cur["removed"].get(n) == slot for n, slot in prev["added"].items())  # the same slot
+        flips += len(set(prev["expanded"]) & set(cur["pruned"]))  # grown, then pruned
+        flips += len(set(prev["pruned"]) & set(cur["expanded"]))  # pruned, then grown
+    return dict(added_with_a_next=added, added_removed_at_next=removed, flips=flips)
 
 
 # -----------------------------------------------------------------------------

@@ -21,30 +21,6 @@ import flexlora
 ALLOCATOR_FILE = "flexlora_allocator.json"  # written into every Trainer checkpoint folder
 
 # -----------------------------------------------------------------------------
-# Loading a state dict whose ranks differ from the model's
-
-
-def resize_on_load(model: nn.Module):
-    """Let model.load_state_dict() take adapters of any rank: each adapter first takes the
-    rank of the Λ in the state dict (P, Λ, Q replaced by zeros of the new shapes, which the
-    load then fills). A Trainer checkpoint saved after allocations loads this way."""
-    for layer in flexlora.adapters(model).values():
-        layer.register_load_state_dict_pre_hook(_resize_to_state_dict)
-
-
-def _resize_to_state_dict(layer, state_dict, prefix, *args):
-    Lambda = state_dict.get(prefix + "Lambda")
-    if Lambda is None or Lambda.numel() == layer.r:
-        return
-    if layer.merged:
-        raise ValueError(f"{prefix[:-1]} is merged: unmerge() before loading a state dict into it")
-    r, d_out, d_in = Lambda.numel(), layer.P.shape[0], layer.Q.shape[1]
-    for name, shape in (("P", (d_out, r)), ("Lambda", (r,)), ("Q", (r, d_in))):
-        old = getattr(layer, name)
-        setattr(layer, name, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
-
-
-# -----------------------------------------------------------------------------
 # Hugging Face Trainer
 
 
@@ -71,11 +47,14 @@ class FlexLoRACallback(TrainerCallback):
       ignore: with accumulation k their gradients come out k times too large. (Causal LMs then
       weigh each micro-batch's mean token loss equally, not each token.) A Trainer built
       before the callback still passes num_items_in_batch: with accumulation > 1 that raises.
-    - checkpoints: on_save writes the allocator's state (generator, history, config) and the
-      rank pattern to <checkpoint>/flexlora_allocator.json. On resume, the adapters take the
-      checkpoint's ranks while the Trainer loads the weights (resize_on_load), before the
-      optimizer is built and its state loaded; the allocator's state is read in on_train_begin
-      from <output_dir>/checkpoint-<step>, or from args.resume_from_checkpoint if set there.
+    - checkpoints: on_save writes the allocator's state (generator, history, config), the
+      rank pattern and each adapter's settings to <checkpoint>/flexlora_allocator.json. The
+      adapters never change shape, so the Trainer's own load_state_dict restores their slots and
+      live masks; the allocator's state is read in on_train_begin from <output_dir>/checkpoint-<step>,
+      or from args.resume_from_checkpoint if set there, and must have the model's r_init and alpha.
+    - several processes (torchrun, accelerate launch): the Trainer's DDP wraps the model once;
+      every process takes the same decisions from the same all-reduced weights, and
+      RankAllocator.step checks that their live slots agree after each allocation.
     """
 
     def __init__(self, model: nn.Module, gamma: float, **allocator_kwargs):
@@ -89,16 +68,8 @@ class FlexLoRACallback(TrainerCallback):
         self.grad_accum = 1
         self._hooks = []
         model.accepts_loss_kwargs = False  # read by Trainer.__init__: see "gradient accumulation"
-        resize_on_load(model)  # Trainer loads a checkpoint's weights before any callback event
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if args.world_size > 1 or args.n_gpu > 1:
-            # DDP registers Parameter objects once; an allocation swaps them in for new ones
-            raise NotImplementedError(
-                "FlexLoRACallback trains on one process and one device: DDP holds the Parameter "
-                "objects it wrapped, and an allocation swaps in new ones. To train on several "
-                "devices, run train_glue.py or train_vit.py under torchrun (they all-reduce the "
-                "gradients themselves; see docs/integration.md, 'Multi-process (torchrun)')")
         settings = dict(self.allocator_kwargs)
         T = settings.pop("total_steps", state.max_steps)
         if T != state.max_steps:
@@ -106,14 +77,19 @@ class FlexLoRACallback(TrainerCallback):
                              "optimizer steps: leave total_steps out to use the Trainer's")
         self.allocator = flexlora.RankAllocator(self.model, total_steps=T, **settings)
         if state.global_step > 0:  # resumed: the ranks came with the weights, now the allocator
-            self.allocator.load_state_dict(_read_allocator(args, state.global_step))
+            saved = _read_allocator(args, state.global_step)
+            mine = _settings(self.model)
+            if saved.get("adapters", mine) != mine:
+                raise ValueError(f"the checkpoint's adapters were {_first_difference(saved['adapters'], mine)}: "
+                                 "inject the model with the r, alpha and init it was trained with")
+            self.allocator.load_state_dict(saved)
         self.grad_accum = args.gradient_accumulation_steps
         self._remove_hooks()
         self._hooks = [self.model.register_forward_hook(self._add_regularizer, with_kwargs=True)]
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         # after optimizer.step(), the LR scheduler and zero_grad; global_step = steps taken
-        self.allocator.step(state.global_step, optimizer)  # swaps Parameters, re-points Adam
+        self.allocator.step(state.global_step, optimizer)  # rewrites slots and their Adam state in place
 
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:  # the main process writes
@@ -121,6 +97,7 @@ class FlexLoRACallback(TrainerCallback):
         d = self.allocator.state_dict()
         d["generator"] = d["generator"].tolist()  # a uint8 tensor
         d["step"], d["ranks"] = state.global_step, flexlora.rank_pattern(self.model)
+        d["adapters"] = _settings(self.model)
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, ALLOCATOR_FILE), "w") as f:
@@ -156,6 +133,16 @@ class FlexLoRACallback(TrainerCallback):
             output["loss"] = loss
             return output
         return (loss,) + tuple(output[1:])
+
+
+def _settings(model) -> dict:
+    # what a checkpoint's tensors do not say: each adapter's r_init, alpha (s = alpha / r_init) and init
+    return {n: [m.r_init, m.alpha, m.init] for n, m in flexlora.adapters(model).items()}
+
+
+def _first_difference(saved: dict, mine: dict) -> str:
+    name = next((n for n in sorted(set(saved) | set(mine)) if saved.get(n) != mine.get(n)), None)
+    return f"{name}: [r_init, alpha, init] {saved.get(name)}, the model's {mine.get(name)}"
 
 
 def _read_allocator(args, step: int) -> dict:
@@ -234,8 +221,9 @@ def export_peft(model: nn.Module, out_dir: str, **config_kwargs):
         modules_to_save=heads or None, **config_kwargs)
     tensors = {}
     for name, m in layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = m.Q.detach().contiguous()  # (r, d_in)
-        tensors[f"base_model.model.{name}.lora_B.weight"] = (m.P * m.Lambda).detach()  # (d_out, r)
+        P, lam, Q = m.live_factors()  # the live slots: (d_out, r), (r,), (r, d_in)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = Q.contiguous()  # (r, d_in)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (P * lam).contiguous()  # (d_out, r)
     for h in heads:  # the whole module, as PEFT's ModulesToSaveWrapper saves it
         for k, v in model.get_submodule(h).state_dict().items():
             tensors[f"base_model.model.{h}.{k}"] = v.detach().contiguous()

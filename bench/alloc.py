@@ -30,7 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flexlora as fl
-from train_common import churn
 
 # -----------------------------------------------------------------------------
 # Variants of the allocation rule: a RankAllocator whose scores() departs from the paper's
@@ -62,24 +61,25 @@ class VariantAllocator(fl.RankAllocator):
         super().__init__(model, *args, **kw)
         self.config.update(score=score, rank1_score=rank1_score, protect=protect)
         self.t = 0
-        # the step at which each direction was added (None: there from the start)
-        self.born = {n: [None] * m.r for n, m in self.layers.items()}
+        # the step at which each slot's direction was added (None: there from the start, or dead)
+        self.born = {n: [None] * m.r_max for n, m in self.layers.items()}
 
     def step(self, t, optimizer=None):
         self.t = t
         record = super().step(t, optimizer)
-        for name, i in (record or {}).get("removed", {}).items():  # keep `born` in step with the ranks
-            del self.born[name][i]
-        for name in (record or {}).get("expanded", []):
-            self.born[name].append(t)
+        for name, slot in (record or {}).get("removed", {}).items():  # keep `born` in step with the slots
+            self.born[name][slot] = None
+        for name, slot in (record or {}).get("added", {}).items():
+            self.born[name][slot] = t
         return record
 
     def spectra(self):
         # a young direction is shown to the rule as λ = inf: never the smallest |λ|, and scores()
         # leaves it out of its matrix's score
-        lams = super().spectra()
+        lams = super().spectra()  # the live slots, in slot order
         for name, lam in lams.items():
-            young = [i for i, t0 in enumerate(self.born[name]) if t0 is not None and self.t - t0 <= self.config["protect"]]
+            born = [self.born[name][s] for s in self.layers[name].live.nonzero().squeeze(1).tolist()]
+            young = [i for i, t0 in enumerate(born) if t0 is not None and self.t - t0 <= self.config["protect"]]
             lam[young] = float("inf")
         return lams
 
@@ -102,16 +102,16 @@ class VariantAllocator(fl.RankAllocator):
     @torch.no_grad()
     def norms(self):
         """{module name: ‖ΔW‖_F}, from r×r Gram matrices: ‖P diag(λ) Q‖² = λᵀ (PᵀP ∘ QQᵀ) λ."""
-        sq = [m.scaling ** 2 * (m.Lambda.float() @ ((m.P.float().T @ m.P.float())
-                                                    * (m.Q.float() @ m.Q.float().T)) @ m.Lambda.float())
-              for m in self.layers.values()]
+        lams = [(m.Lambda * m.live).float() for m in self.layers.values()]  # dead slots: 0
+        sq = [m.scaling ** 2 * (lam @ ((m.P.float().T @ m.P.float()) * (m.Q.float() @ m.Q.float().T)) @ lam)
+              for m, lam in zip(self.layers.values(), lams)]
         return dict(zip(self.layers, torch.stack(sq).clamp(min=0).sqrt().cpu().tolist()))
 
     def state_dict(self):
         return super().state_dict() | {"born": {n: list(v) for n, v in self.born.items()}}
 
     def load_state_dict(self, d):
-        if {n: len(v) for n, v in d["born"].items()} != fl.rank_pattern(self.model):
+        if {n: len(v) for n, v in d["born"].items()} != {n: m.r_max for n, m in self.layers.items()}:
             raise ValueError("allocator state does not fit the adapters: load_adapter() the checkpoint first")
         super().load_state_dict(d)
         self.born = {n: list(v) for n, v in d["born"].items()}
@@ -245,7 +245,9 @@ def run(problem, variant, seed, b0=2, interval=20, lr=1e-2, gamma=0.1):
     build, r0, steps = PROBLEMS[problem]
     teacher, student, targets, deltas, sample = build(seed)
     torch.manual_seed(seed)
-    fl.inject(student, targets, r=r0, alpha=r0)
+    # as many slots as the smallest matrix has singular values: the cap never binds
+    fl.inject(student, targets, r=r0, alpha=r0,
+              r_max=min(min(m.weight.shape) for m in student.modules() if isinstance(m, nn.Linear)))
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     options = dict(VARIANTS[variant] or {})
     t_warmup, t_final = steps // 15, steps // 5
@@ -294,7 +296,7 @@ def report(student, alloc, deltas, losses, r0, steps):
         avg += (h["step"] - last_t) * last
         last_t, last = h["step"], torch.tensor([float(h["ranks"][n]) for n in names])
     avg = ((avg + (steps - last_t) * last) / steps).tolist()
-    c = churn(history)
+    c = fl.churn(history)
     removed, added = c["added_removed_at_next"], c["added_with_a_next"]
     flips = c["flips"]
     moves = sum(h["k"] for h in history)

@@ -178,9 +178,12 @@ def build(model_name, method, device, r_lora=None, interval=10, total_steps=10**
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
     head = sum(p.numel() for n, p in model.named_parameters()
                if p.requires_grad and any(part in spec["head"] for part in n.split(".")))
+    # FlexLoRA's budget is its live directions; its tensors hold r_max = 2r slots (memory, `allocated`)
+    dead = sum((m.r_max - m.r) * (m.P.shape[0] + m.Q.shape[1] + 1) for m in flexlora.adapters(model).values())
     return dict(method=method, model=model, optimizer=optimizer, allocator=allocator, t=0,
                 r=None if method == "head" else ranks[method], ranks=ranks,
-                trainable=sum(p.numel() for p in params), head_params=head)
+                trainable=sum(p.numel() for p in params) - dead, allocated=sum(p.numel() for p in params),
+                head_params=head)
 
 
 # -----------------------------------------------------------------------------

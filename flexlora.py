@@ -324,6 +324,23 @@ def _set_slot(layer: FlexLoRALinear, j: int, fresh, optimizer):
     layer.live[j] = fresh is not None
 
 
+def _check_processes_agree(layers: dict, t: int):
+    """Under torch.distributed (DDP, FSDP: every process calls step()), all must hold the same live slots
+    after an allocation: the same weights give the same decisions, so a difference is a bug. Costs one
+    all-reduce of 2 · Σ r_max integers."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    live = torch.cat([m.live for m in layers.values()]).int()
+    spread = torch.stack([live, -live])  # max(live) and -min(live) in one MAX all-reduce
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    if not torch.equal(spread[0], -spread[1]):
+        differ = [n for n, lo, hi in zip(layers, (-spread[1]).split([m.r_max for m in layers.values()]),
+                                          spread[0].split([m.r_max for m in layers.values()])) if not torch.equal(lo, hi)]
+        raise RuntimeError(f"step {t}: the processes' adapters differ after the allocation ({differ[:3]}): "
+                           f"they were trained apart (a model not wrapped in DDP or FSDP, or unequal seeds)")
+
+
 class RankAllocator:
     """Moves rank between the adapters of `model` during training (paper §3). Call step(t, optimizer)
     after optimizer.step() (and the LR scheduler's), before zero_grad(), t = optimizer steps so far.
@@ -428,6 +445,7 @@ class RankAllocator:
             added[name] = int((~layer.live).nonzero()[0])  # (r < r_max: there is one)
             _set_slot(layer, added[name], _fresh(layer.init, layer.P.shape[0], 1, layer.Q.shape[1], self.generator),
                       optimizer)
+        _check_processes_agree(self.layers, t)
         record = dict(step=t, b=b, k=k, scores=scores, pruned=pruned, removed=removed, expanded=expanded,
                       added=added, ranks={n: m.r for n, m in self.layers.items()})
         self.history.append(record)
@@ -466,22 +484,24 @@ def churn(history: list) -> dict:
 # Saving and loading (safetensors: no pickle), merging
 def save_adapter(model: nn.Module, path: str):
     """Save every trainable parameter (adapters and heads): of each adapter its live directions
-    only, P (d_out, r), λ (r,), Q (r, d_in) in slot order, with its alpha, r_init, init and r_max."""
+    only, P (d_out, r), λ (r,), Q (r, d_in) in slot order, with its alpha, r_init, init, r_max and
+    the slots they were in (so that a reload puts them back there, where an optimizer's state is)."""
     from safetensors.torch import save_file
     layers = adapters(model, required=True)
     tensors = {n: _full(p).detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     for name, layer in layers.items():  # even if the user froze some
         tensors |= {f"{name}.{f}": t.contiguous() for f, t in zip(_RANK_DIM, layer.live_factors())}
-    config = {n: {"r": m.r, "r_init": m.r_init, "alpha": m.alpha, "init": m.init, "r_max": m.r_max}
-              for n, m in layers.items()}
+    config = {n: {"r": m.r, "r_init": m.r_init, "alpha": m.alpha, "init": m.init, "r_max": m.r_max,
+                  "slots": m.live.nonzero().squeeze(1).tolist()} for n, m in layers.items()}
     save_file(tensors, path, metadata={"format": "flexlora", "adapters": json.dumps(config)})
 
 
 def load_adapter(model: nn.Module, path: str):
     """Load a save_adapter() file into a model injected with the same target_modules (any r): the
-    ranks, alpha, r_init, init and slots come from the file (files without r_max: the model's slots,
-    or more if the file's rank needs them). The values are copied: the file can change afterwards.
-    Build the optimizer after: where the slots differ from the model's, the parameters are new."""
+    ranks, alpha, r_init, init, r_max and slots come from the file (older files: the model's r_max,
+    or more if the file's rank needs them, and the first slots). The values are copied: the file can
+    change afterwards. Build the optimizer after: where r_max differs from the model's, the
+    parameters are new."""
     from safetensors import SafetensorError, safe_open
     layers = adapters(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -516,14 +536,18 @@ def load_adapter(model: nn.Module, path: str):
             r = tensors[f"{n}.Lambda"].shape[0]
             r_init, alpha = _int(f"{n}: r_init", c.get("r_init"), 1), _positive(f"{n}: alpha", c.get("alpha"))
             r_max = _int(f"{n}: r_max (at least its rank)", c.get("r_max", max(r, layers[n].r_max)), r)
-            settings[n] = (r_init, alpha, c.get("init", "gaussian"), r_max, alpha / r_init)  # (may overflow)
+            slots = c.get("slots", list(range(r)))
+            _need(isinstance(slots, list) and len(set(slots)) == len(slots) == r and
+                  all(isinstance(j, int) and 0 <= j < r_max for j in slots), f"{n}: slots {slots!r} are not "
+                  f"{r} distinct slots of {r_max}")
+            settings[n] = (r_init, alpha, c.get("init", "gaussian"), r_max, alpha / r_init, slots)  # (may overflow)
     except (ValueError, OverflowError, SafetensorError) as e:  # json.JSONDecodeError is a ValueError
         why = f"its 'adapters' metadata is broken JSON ({e})" if isinstance(e, json.JSONDecodeError) else e
         raise ValueError(f"{path} cannot be loaded, nothing was changed: {why}") from None
 
     for name, layer in layers.items():  # then apply, knowing that all of it fits
         layer.unmerge()
-        r_init, alpha, init, r_max, scaling = settings[name]
+        r_init, alpha, init, r_max, scaling, slots = settings[name]
         if r_max != layer.r_max:  # other slots: new parameters (zeros, filled below)
             for f, d in _RANK_DIM.items():
                 old = getattr(layer, f)
@@ -531,12 +555,12 @@ def load_adapter(model: nn.Module, path: str):
                 shape[d] = r_max
                 setattr(layer, f, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
             layer.live = torch.zeros(r_max, dtype=torch.bool, device=layer.live.device)
-        r = tensors[f"{name}.Lambda"].shape[0]
+        idx = torch.tensor(slots, dtype=torch.long, device=layer.live.device)
         with torch.no_grad():
-            for f, d in _RANK_DIM.items():  # slots 0 .. r - 1 live, the rest dead at zero
-                slots = getattr(layer, f).zero_().narrow(d, 0, r)
-                slots.copy_(tensors.pop(f"{name}.{f}"))
-            layer.live.copy_(torch.arange(r_max, device=layer.live.device) < r)
+            for f, d in _RANK_DIM.items():  # the saved slots live, the rest dead at zero
+                param = getattr(layer, f)
+                param.zero_().index_copy_(d, idx, tensors.pop(f"{name}.{f}").to(param.device, param.dtype))
+            layer.live.zero_()[idx] = True
         layer.r_init, layer.alpha, layer.init, layer.scaling = r_init, alpha, init, scaling
     with torch.no_grad():
         for name, value in tensors.items():  # the other trainable parameters, e.g. the classifier

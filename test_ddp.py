@@ -25,10 +25,10 @@ HOLDOUT = ["--max_train_samples", "129", "--holdout", "16", "--max_eval_samples"
 
 # train_glue.py ROOT [flags], once per method into ROOT/<method>, with the smoke model's dropout off
 # (one process cannot draw the masks that two draw). After each run, on every rank: its trainable
-# weights in rank<R>.safetensors; and for FlexLoRA, check_replicas() with one of rank 1's weights
-# nudged by one float step, its error in nudged<R>.txt
+# weights in rank<R>.safetensors; and for FlexLoRA, an allocation with rank 1's live mask changed by
+# hand: the allocator's own check must stop both processes, its error in differ<R>.txt
 LAUNCHER = """
-import sys, types
+import sys
 import torch
 from safetensors.torch import save_file
 import flexlora, train_common, train_glue
@@ -44,19 +44,19 @@ def smoke_model(*a):
 
 def train_and_check(args, model, *rest, **kw):
     result = train(args, model, *rest, **kw)
-    rank, out = train_common.RANK, args.output_dir
+    rank, out = train_common.rank(), args.output_dir
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
               f"{out}/rank{rank}.safetensors")
     if args.method == "flexlora":
         if rank == 1:
-            with torch.no_grad():
-                lam = next(iter(flexlora.adapters(model).values())).Lambda
-                lam[0] = torch.nextafter(lam[0], lam[0] + 1)  # (+1e-7 rounds to nothing once |λ| > 1.7)
+            layer = next(iter(flexlora.adapters(model).values()))
+            layer.live[:] = True  # as if this process had taken other decisions
+        alloc = flexlora.RankAllocator(model, b0=1, t_warmup=0, t_final=0, total_steps=10, interval=1,
+                                       schedule="constant")
         try:
-            replica = types.SimpleNamespace(net=model, ranks=lambda: flexlora.rank_pattern(model))
-            train_common.check_replicas(replica, "after a nudge")
+            alloc.step(1)
         except RuntimeError as e:
-            open(f"{out}/nudged{rank}.txt", "w").write(str(e))
+            open(f"{out}/differ{rank}.txt", "w").write(str(e))
     return result
 
 train_glue.smoke_model, train_common.train = smoke_model, train_and_check
@@ -130,9 +130,9 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, monkeypatc
         train_glue.main(TINY + HOLDOUT + ["--method", method, "--output_dir", one])
         assert_same_run(one, two, atol=1e-4, rtol=1e-3)  # the holdout split too: seeded alike on every rank
         assert "holdout_mcc" in read(two, "metrics.json")["final"]
-    # the built-in check stops every process when the replicas differ by as little as one float step
+    # the allocator's check stops every process when their live slots differ
     for rank in (0, 1):
-        assert "adapters differ after a nudge" in (tmp_path / "two" / "flexlora" / f"nudged{rank}.txt").read_text()
+        assert "the processes' adapters differ" in (tmp_path / "two" / "flexlora" / f"differ{rank}.txt").read_text()
     # rank 0 wrote the outputs, the PEFT adapter among them
     assert os.path.isfile(os.path.join(tmp_path, "two", "flexlora", "peft_adapter", "adapter_model.safetensors"))
 
@@ -166,7 +166,7 @@ def smoke_model(*a):
     forward = model.forward
     def forward_inf(**batch):
         out = forward(**batch)
-        if model.training and train_common.RANK == 1:
+        if model.training and train_common.rank() == 1:
             steps.append(1)
             if len(steps) == 5:
                 out.loss = out.loss + float("inf")

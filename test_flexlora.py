@@ -907,6 +907,30 @@ def test_save_load_round_trip_restores_ranks_and_outputs(tmp_path):
     assert all(m.scaling == 1.0 and m.r_init == 3 for m in fl.adapters(fresh).values())
     x = torch.randn(8, 16)
     assert torch.allclose(fresh(x), model(x), atol=1e-6)
+    # the slots too (r_max came from the file: 16, not r = 1's 2): the state dict is the same, bit for bit
+    assert same(fresh.state_dict(), model.state_dict())
+    # the values were copied: rewriting the file afterwards changes nothing
+    before = fresh(x)
+    with torch.no_grad():
+        model.mats[0].Lambda.mul_(2)
+    fl.save_adapter(model, str(path))
+    assert torch.equal(fresh(x), before)
+
+
+def test_files_from_before_the_slots_load_into_the_first_slots(tmp_path):
+    from safetensors.torch import save_file
+    model = matrices(n=2, d=8, r=3)  # 6 slots
+    P, lam, Q = torch.randn(8, 5), torch.randn(5), torch.randn(5, 8)  # rank 5, no r_max or slots
+    tensors = {f"mats.{i}.{f}": t.clone() for i in range(2) for f, t in (("P", P), ("Lambda", lam), ("Q", Q))}
+    config = {f"mats.{i}": {"r": 5, "r_init": 3, "alpha": 6.0} for i in range(2)}
+    save_file(tensors, tmp_path / "old.safetensors", metadata={"format": "flexlora", "adapters": json.dumps(config)})
+    fl.load_adapter(model, str(tmp_path / "old.safetensors"))
+    m = model.mats[1]
+    assert m.r == 5 and m.r_max == 6 and m.live.tolist() == [True] * 5 + [False]
+    assert torch.equal(m.delta_weight(), 2.0 * P @ torch.diag(lam) @ Q)
+    small = matrices(n=2, d=8, r=2)  # 4 slots, rank 5: room is made (new parameters)
+    fl.load_adapter(small, str(tmp_path / "old.safetensors"))
+    assert small.mats[0].r == small.mats[0].r_max == 5
 
 
 def test_save_load_keeps_the_init(tmp_path):

@@ -381,39 +381,41 @@ def fit_delta(args, total_steps):
 # -----------------------------------------------------------------------------
 # Distributed: torchrun --nproc_per_node N runs N copies of the script, one per device
 #
-# No DistributedDataParallel wrapper: DDP registers the Parameter objects it wraps once, and a
-# FlexLoRA allocation swaps in new ones, after which DDP fails or lets the replicas drift apart.
-# Instead every rank all-reduces the trainable gradients itself after backward(), as one flat
-# buffer (only the adapters and the head travel, a few MB): whatever Parameters the optimizer
-# holds at that step, for FlexLoRA, LoRA and AdaLoRA alike. Every rank then holds the same
-# gradients, takes the same optimizer step and makes the same allocation (RankAllocator draws
-# new directions from its own seeded generator; AdaLoRA scores the all-reduced gradients), so
-# the replicas stay identical; check_replicas() verifies that after every allocation.
+# The model is wrapped once in torch's DistributedDataParallel: the adapters never change shape
+# (an allocation rewrites slots in place), so DDP's all-reduce of the gradients holds across every
+# allocation. Every rank then takes the same optimizer step and the same allocation (RankAllocator
+# draws new directions from its own seeded generator, and checks that the processes' live slots
+# agree; AdaLoRA scores the all-reduced gradients). broadcast_buffers=False: a live mask that differed
+# between processes would be a bug to see, not one for rank 0's copy to paper over.
 #
 # --batch_size is the global batch: at each step the N ranks split the same seeded batch, so N
 # processes compute what one does with the whole batch (up to float rounding and the dropout
 # masks), with the same steps, LR schedule and allocation window.
 
-RANK, LOCAL_RANK, WORLD_SIZE = 0, 0, 1  # this process, and how many (from torchrun's env vars)
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0  # this process
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1  # how many
 
 
 def launch(args, name, check=check_args):
     """Join torchrun's process group (when launched by torchrun), then prepare_output_dir on rank
     0 alone, whose decisions the other ranks take (the run directory; --resume: the saved settings).
     Rank 0 alone clears an --overwrite'n run too, once every rank has loaded (train(): start_run)."""
-    global RANK, LOCAL_RANK, WORLD_SIZE
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        RANK, LOCAL_RANK, WORLD_SIZE = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         if torch.cuda.is_available():
-            torch.cuda.set_device(LOCAL_RANK)
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         atexit.register(dist.destroy_process_group)
-        if RANK > 0:
+        if rank() > 0:
             sys.stdout = open(os.devnull, "w")  # rank 0 alone prints (errors still reach stderr)
-    if WORLD_SIZE == 1:
+    if world() == 1:
         return prepare_output_dir(args, name, check)
     settings = [None]
-    if RANK == 0:
+    if rank() == 0:
         try:
             settings = [vars(prepare_output_dir(args, name, check))]
         finally:  # on an error too: no rank waits for ever
@@ -423,67 +425,41 @@ def launch(args, name, check=check_args):
         if settings[0] is None:
             raise SystemExit(2)  # rank 0 has said why
         vars(args).update(settings[0])
-    if args.batch_size < WORLD_SIZE:
-        die(f"--batch_size {args.batch_size} is the global batch, split over {WORLD_SIZE} processes: "
-            f"make it at least {WORLD_SIZE}")
+    if args.batch_size < world():
+        die(f"--batch_size {args.batch_size} is the global batch, split over {world()} processes: "
+            f"make it at least {world()}")
     return args
 
 
-def join_replicas(net, args, state):
-    """Start every rank from rank 0's parameters (as DDP does), and give each rank its own dropout
-    stream: seed + rank, or the one the checkpoint saved for it."""
-    with torch.no_grad():
-        for p in net.parameters():
-            dist.broadcast(p.detach(), 0)  # in place
+def wrap(net, device):
+    """net in DistributedDataParallel under torchrun (which starts every rank from rank 0's weights),
+    else net itself."""
+    if world() == 1:
+        return net
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+
+
+def seed_dropout(args, state):
+    """Under torchrun, each rank its own dropout stream: seed + rank, or the one its checkpoint saved."""
     streams = state.get("rank_rng") or []
-    if len(streams) == WORLD_SIZE:
-        cpu, cuda = streams[RANK]
+    if len(streams) == world():
+        cpu, cuda = streams[rank()]
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
     else:
         if state:
-            print(f"note: the checkpoint holds no dropout streams for {WORLD_SIZE} processes: fresh ones")
-        torch.manual_seed(args.seed + RANK)
+            print(f"note: the checkpoint holds no dropout streams for {world()} processes: fresh ones")
+        torch.manual_seed(args.seed + rank())
 
 
 def rank_rng():
     """Every rank's RNG state (its dropout stream), gathered on every rank, for a checkpoint."""
     mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-    streams = [None] * WORLD_SIZE
+    streams = [None] * world()
     dist.all_gather_object(streams, mine)
     return streams
-
-
-def all_reduce_grads(params, share):
-    """Give every rank the gradient of the global batch's mean loss: the sum over ranks of
-    share · ∇(the rank's mean loss), share = the rank's examples / the batch's. A parameter that
-    got no gradient on any rank keeps none (AdamW then skips it, as on one process)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    has = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
-    flat = torch.cat([torch.cat([g.reshape(-1) for g in grads]) * share, has])
-    dist.all_reduce(flat)  # sum over ranks
-    *grads, has = flat.split([p.numel() for p in params] + [len(params)])
-    for p, g, h in zip(params, grads, has.tolist()):
-        p.grad = g.view_as(p).to(p.dtype) if h > 0 else None
-
-
-def check_replicas(method, when):
-    """Fail loudly, on every rank at once, unless all ranks hold the same adapters: the same
-    ranks, and the same trainable weights bit for bit."""
-    ranks = [None] * WORLD_SIZE
-    dist.all_gather_object(ranks, method.ranks())
-    same = all(r == ranks[0] for r in ranks)
-    if same:  # the shapes agree: compare the weights with rank 0's
-        flat = torch.cat([p.detach().reshape(-1) for p in method.net.parameters() if p.requires_grad])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        ok = torch.tensor(float(torch.equal(flat, ref)), device=flat.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        same = bool(ok)
-    if not same:
-        raise RuntimeError(f"rank {RANK}: the processes' adapters differ {when} (ranks or weights): "
-                           f"the replicas have drifted apart; please report this as a bug")
 
 
 # -----------------------------------------------------------------------------
@@ -728,9 +704,9 @@ def build_optimizer(net, args):
 
 
 def save_checkpoint(args, method, optimizer, scheduler, state):
-    if WORLD_SIZE > 1:  # called on every rank: it gathers their dropout streams; rank 0 alone writes
+    if world() > 1:  # called on every rank: it gathers their dropout streams; rank 0 alone writes
         state = dict(state, rank_rng=rank_rng())
-        if RANK > 0:
+        if rank() > 0:
             return
     out = os.path.join(args.output_dir, "checkpoint")
     tmp, old = out + ".tmp", out + ".old"
@@ -805,8 +781,8 @@ def predict(net, dataset, collate, args):
     """Logits and labels of a whole dataset, as numpy arrays (float32). Under torchrun each rank
     predicts its slice and every rank gets all of them back."""
     device = next(net.parameters()).device
-    if WORLD_SIZE > 1:
-        dataset = torch.utils.data.Subset(dataset, np.array_split(np.arange(len(dataset)), WORLD_SIZE)[RANK])
+    if world() > 1:
+        dataset = torch.utils.data.Subset(dataset, np.array_split(np.arange(len(dataset)), world())[rank()])
     net.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.eval_batch_size, collate_fn=collate,
                                          num_workers=args.num_workers, generator=torch.Generator())
@@ -819,8 +795,8 @@ def predict(net, dataset, collate, args):
     net.train()
     mine = (torch.cat(logits).numpy(), torch.cat(labels).numpy()) if logits else None  # None: no example here
     parts = [mine]
-    if WORLD_SIZE > 1:  # every rank's slice, in order (a set smaller than the world leaves some empty)
-        parts = [None] * WORLD_SIZE
+    if world() > 1:  # every rank's slice, in order (a set smaller than the world leaves some empty)
+        parts = [None] * world()
         dist.all_gather_object(parts, mine)
     logits, labels = (np.concatenate(x) for x in zip(*(p for p in parts if p is not None)))
     if not np.isfinite(logits).all():  # a metric would count them as some class: no score at all
@@ -853,7 +829,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     """
     from transformers import get_linear_schedule_with_warmup
 
-    device = torch.device(f"cuda:{LOCAL_RANK}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     T = args.epochs * steps_per_epoch  # total optimizer steps
     with user_errors():  # flexlora's checks of r, alpha, the window; a checkpoint that does not fit
@@ -875,9 +851,10 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
             f"pass a later step, or none to finish the run")
     if args.method == "flexlora":
         counts["planned_allocations"] = len(allocation_steps(args, T))  # 0 only with --b0 0 (fit_delta)
-    if WORLD_SIZE > 1:
-        join_replicas(net, args, state)  # (a collective: every rank has loaded too)
-    if RANK == 0:
+    if world() > 1:
+        seed_dropout(args, state)
+    ddp = wrap(net, device)  # the forward; net itself for the rest (its parameters are DDP's)
+    if rank() == 0:
         start_run(args)  # everything has loaded: only now is an --overwrite'n run cleared
     if state:
         print(f"resumed at step {start} of {T}")
@@ -886,7 +863,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     ckpt_steps = args.ckpt_every or eval_steps
     print(f"{len(train_set):,} training examples, batch {args.batch_size}: {steps_per_epoch} steps/epoch, "
           f"{T} steps; device {device}" + (" (bf16 autocast)" if bf16(args, device) else "")
-          + (f"; {WORLD_SIZE} processes, {args.batch_size / WORLD_SIZE:g} examples each" if WORLD_SIZE > 1 else ""))
+          + (f"; {world()} processes, {args.batch_size / world():g} examples each" if world() > 1 else ""))
 
     def epoch_loader(epoch, skip):
         # the data order of an epoch depends on (seed, epoch) only, so a resumed run sees the same
@@ -895,7 +872,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         B = args.batch_size
         # this rank's slice of each global batch (all of it on one process); a slice left empty
         # (a last batch smaller than the world) computes one example, weighted 0 (share below)
-        shards = [np.array_split(order[j:j + B], WORLD_SIZE)[RANK] for j in range(skip * B, len(order), B)]
+        shards = [np.array_split(order[j:j + B], world())[rank()] for j in range(skip * B, len(order), B)]
         return iter(torch.utils.data.DataLoader(train_set, batch_sampler=[(s if len(s) else order[:1]).tolist()
                                                                           for s in shards],
                                                 collate_fn=collate, num_workers=args.num_workers,
@@ -915,8 +892,8 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
 
     def stop_if_diverged(t, weights=True):
         first = first_bad.item()
-        if WORLD_SIZE > 1:  # every rank stops together, at the first step that failed on any of them
-            steps = [None] * WORLD_SIZE
+        if world() > 1:  # every rank stops together, at the first step that failed on any of them
+            steps = [None] * world()
             dist.all_gather_object(steps, first)
             first = min((s for s in steps if s), default=0)
         if first:
@@ -928,43 +905,38 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     net.train()
     batches, t0, tick = None, time.time(), time.time()
     loss_sum, orth_sum, n_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    pbar = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True, disable=RANK > 0)
+    pbar = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True, disable=rank() > 0)
     for step in range(start, T):
         epoch, i = divmod(step, steps_per_epoch)
         if batches is None or i == 0:
             batches = epoch_loader(epoch, i)
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         n = min(args.batch_size, len(train_set) - i * args.batch_size)  # examples in the global batch
-        share = (n // WORLD_SIZE + (RANK < n % WORLD_SIZE)) / n  # this rank's part of them (1 on one process)
+        share = (n // world() + (rank() < n % world())) / n  # this rank's part of them (1 on one process)
         t = step + 1  # optimizer steps taken, after this one
 
         # forward, backward, step
         with autocast(args, device):
-            loss = net(**batch).loss  # task loss (+ AdaLoRA's penalty, added by PEFT)
+            loss = ddp(**batch).loss  # task loss (+ AdaLoRA's penalty, added by PEFT)
         loss_sum += loss.detach() * share
+        loss = loss * (share * world())  # DDP averages over ranks: the global batch's mean
         orth = method.regularizer()  # FlexLoRA's R
         if orth is not None:
             orth_sum += orth.detach()
             loss = loss + gamma_at(args, t) * orth  # the paper's loss: task + γ·R
         loss.backward()
-        params = [p for g in optimizer.param_groups for p in g["params"]]  # current objects
-        if WORLD_SIZE > 1:
-            all_reduce_grads(params, share)  # the global batch's gradient, on every rank
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         finite = torch.isfinite(loss.detach())  # this rank's (stop_if_diverged asks every rank)
         if args.max_grad_norm > 0:
             finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
         first_bad.masked_fill_((first_bad == 0) & ~finite, t)  # on the device: no sync
         optimizer.step()
         scheduler.step()
-        n_alloc = len(method.history)
         try:
             method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
         except ValueError:  # flexlora's allocator refuses non-finite λ
             stop_if_diverged(t)
             raise
-        if WORLD_SIZE > 1 and len(method.history) > n_alloc:
-            stop_if_diverged(t)  # first: non-finite weights never compare equal
-            check_replicas(method, f"after the allocation at step {t}")
         optimizer.zero_grad(set_to_none=True)
         n_logged += 1
         pbar.update(1)
@@ -972,7 +944,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         # one log line every log_every steps
         if t % args.log_every == 0 or t == T:
             ms = 1000 * (time.time() - tick) / n_logged
-            if WORLD_SIZE > 1:
+            if world() > 1:
                 dist.all_reduce(loss_sum)  # the global batch's loss
             line = f"step {t} | loss {loss_sum.item() / n_logged:.4f}"
             if orth is not None:
@@ -1010,11 +982,9 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
             return None
     pbar.close()
     elapsed += time.time() - t0
-    if WORLD_SIZE > 1:
-        check_replicas(method, "at the end")
-    if RANK > 0:
+    if rank() > 0:
         return None  # rank 0 writes the outputs
-    run = dict(source or {}, train_examples=len(train_set), processes=WORLD_SIZE, **provenance())
+    run = dict(source or {}, train_examples=len(train_set), processes=world(), **provenance())
     return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, run, processor)
 
 

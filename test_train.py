@@ -244,7 +244,9 @@ def test_baselines_match_flexlora_budget(r):
         if method == "adalora":  # PEFT's penalty is a mean over the 2K factors, half of R: it gets 2γ
             assert m.net.peft_config["default"].orth_reg_weight == pytest.approx(2 * 0.05)
         counts[method] = c["trainable"]
-        assert c["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        held = sum(p.numel() for p in model.parameters() if p.requires_grad)  # FlexLoRA: dead slots too
+        assert c["trainable"] == held - c.get("adapter_slots", c["adapter"]) + c["adapter"]
+        assert method != "flexlora" or c["adapter_slots"] == 2 * c["adapter"]  # r_max = 2r slots
     for method in ("lora", "adalora"):
         assert abs(counts[method] - counts["flexlora"]) / counts["flexlora"] < 0.03, counts
     assert counts["adalora"] == counts["flexlora"]  # the same P, Λ, Q shapes
@@ -569,8 +571,8 @@ def test_orthonormal_init_and_gamma_warmup(tmp_path):
     model = train_glue.smoke_model("cola", 40)
     method = common.FlexLoRA(model, args, ["query_proj", "value_proj"], ["classifier"], total_steps=100)
     for m in flexlora.adapters(model).values():
-        eye = torch.eye(m.r)
-        assert torch.allclose(m.P.T @ m.P, eye, atol=1e-5) and torch.allclose(m.Q @ m.Q.T, eye, atol=1e-5)
+        eye, P, Q = torch.eye(m.r), m.P[:, m.live], m.Q[m.live]
+        assert torch.allclose(P.T @ P, eye, atol=1e-5) and torch.allclose(Q @ Q.T, eye, atol=1e-5)
     assert float(method.regularizer()) < 1e-4 and not any(m.Lambda.any() for m in flexlora.adapters(model).values())
     # γ ramps up: with --gamma_warmup the first steps see less of R, so P and Q move less towards it
     ramp = train_glue.main(GLUE_TINY + ["--gamma_warmup", "1000", "--gamma", "50", "--output_dir", str(tmp_path / "a")])

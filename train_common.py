@@ -515,9 +515,10 @@ class FlexLoRA:
         if args.init == "orthonormal":  # P, Q start orthonormal, R's minimum (paper: N(0, σ²))
             gen = torch.Generator().manual_seed(args.seed)
             with torch.no_grad():
-                for m in flexlora.adapters(model).values():
-                    m.P.copy_(torch.linalg.qr(torch.randn(m.P.shape, generator=gen))[0])  # (d_out, r)
-                    m.Q.copy_(torch.linalg.qr(torch.randn(m.Q.T.shape, generator=gen))[0].T)  # (r, d_in)
+                for m in flexlora.adapters(model).values():  # the live slots, 0 .. r - 1
+                    (d_out, d_in), r = m.base.weight.shape, m.r
+                    m.P[:, :r] = torch.linalg.qr(torch.randn(d_out, r, generator=gen))[0]  # (d_out, r)
+                    m.Q[:r] = torch.linalg.qr(torch.randn(d_in, r, generator=gen))[0].T  # (r, d_in)
         K = len(flexlora.adapters(model))
         print(f"flexlora: {K} matrices, r = {args.r} (total rank {args.r * K}), alpha {args.alpha:g} "
               f"(s = {args.alpha / args.r:.3g}), b0 {args.b0}, t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, "
@@ -675,8 +676,11 @@ def setup_method(model, args, targets, trainable, total_steps):
         method = Peft(model, args, targets, trainable, total_steps, counts, sum_d)
     params = [(n, p) for n, p in method.net.named_parameters() if p.requires_grad]
     adapter = count(p for n, p in params if re.search(r"(lora_[ABE]|\.P|\.Lambda|\.Q)(\.|$)", n))
-    counts.update(adapter=adapter, head=count(p for _, p in params) - adapter,
-                  trainable=count(p for _, p in params), total=count(method.net.parameters()))
+    head = count(p for _, p in params) - adapter
+    if args.method == "flexlora":  # the live directions (the budget), not the r_max slots (the memory)
+        counts["adapter_slots"] = adapter
+        adapter = sum(m.r * (m.P.shape[0] + m.Q.shape[1] + 1) for m in flexlora.adapters(method.net).values())
+    counts.update(adapter=adapter, head=head, trainable=adapter + head, total=count(method.net.parameters()))
     print(f"trainable parameters: adapters {adapter:,} + head {counts['head']:,} = {counts['trainable']:,} "
           f"({100 * counts['trainable'] / counts['total']:.2f}% of {counts['total'] / 1e6:.1f}M); "
           f"FlexLoRA's adapters at r = {r}: {counts['flexlora_adapter']:,}")

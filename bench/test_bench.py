@@ -223,7 +223,7 @@ from test_flexlora import set_lambda  # noqa: E402  (gives an adapter exactly th
 def matrices(n, d=8, r=3):
     torch.manual_seed(0)
     model = A.Matrices(n, d)
-    fl.inject(model, r"mats\.\d+", r=r, alpha=2 * r)
+    fl.inject(model, r"mats\.\d+", r=r, alpha=2 * r, r_max=d)
     return model
 
 
@@ -261,7 +261,7 @@ def test_energy_score_does_not_let_a_tiny_flat_update_look_saturated():
 def test_rank1_score_decides_whether_a_single_direction_can_grow_back():
     def model():
         m = two_matrices([5.0], [1.0, 0.6, 0.3])
-        m.mats[2].Lambda.data = torch.tensor([1.0, 0.9, 0.8])
+        set_lambda(m.mats[2], [1.0, 0.9, 0.8])
         return m
     rec = allocator(model()).step(1)  # the paper's limit: I = 0 at r = 1
     assert rec["scores"]["mats.0"] == 0 and rec["expanded"] == ["mats.2"]
@@ -282,7 +282,7 @@ def test_protect_keeps_a_new_direction_out_of_pruning_and_scoring():
         model = two_matrices([1.0, 1.0, 0.5], [3.0, 0.1, 0.1])
         alloc = allocator(model, b0=1, interval=5, protect=protect)
         alloc.step(5)  # mats.0 (flatter) grows a λ = 0 direction, mats.1 shrinks to 2
-        model.mats[1].Lambda.data = torch.tensor([1.0, 1.0])  # now mats.1 is the flat one
+        model.mats[1].Lambda.data[model.mats[1].live] = 1.0  # now mats.1 is the flat one
         return alloc.step(10), alloc
     rec, _ = run(protect=0)  # the paper: the new λ = 0 lowers mats.0's entropy, and goes first
     assert rec["pruned"] == ["mats.0"] and rec["removed"] == {"mats.0": 3}
@@ -290,9 +290,11 @@ def test_protect_keeps_a_new_direction_out_of_pruning_and_scoring():
     rec, alloc = run(protect=5)  # 5 steps old at t = 10: still protected (age <= protect)
     assert rec["scores"]["mats.0"] == pytest.approx(fl.spectral_entropy(torch.tensor([1.0, 1, 0.5])).item())
     assert rec["pruned"] == ["mats.0"] and rec["removed"] == {"mats.0": 2}  # the weakest old one
-    assert alloc.born["mats.0"] == [None, None, 5] and alloc.born["mats.1"] == [None, None, 10]
+    # born, by slot: mats.0 grew into slot 3 at t = 5 and lost slot 2; mats.1 lost slot 1, regrew it at 10
+    assert alloc.born["mats.0"] == [None, None, None, 5] + [None] * 4
+    assert alloc.born["mats.1"] == [None, 10] + [None] * 6
     assert allocator(two_matrices(FLAT, FLAT), protect=5).state_dict()["born"] == \
-        {"mats.0": [None] * 3, "mats.1": [None] * 3}
+        {"mats.0": [None] * 8, "mats.1": [None] * 8}
 
 
 def test_defaults_are_the_papers_rule():

@@ -98,8 +98,9 @@ class FlexLoRALinear(nn.Module):
         if self.merged:
             return y  # ΔW already sits in base.weight
         h = F.linear(self.dropout(x), self.Q)  # (..., d_in) x (d_in, r_max) -> (..., r_max)
-        # fold λ ⊙ m into P first (a (d_out, r_max) product is cheaper than a (..., r_max) one); s rides on the add
-        return torch.add(y, F.linear(h, self.P * (self.Lambda * self.live)), alpha=self.scaling)
+        # fold s · λ ⊙ m into P first: (r_max,) and (d_out, r_max) products are cheaper than (..., r_max) ones.
+        # (Not torch.add(..., alpha=s): torch 2.13's inductor drops the alpha, forward and backward.)
+        return y + F.linear(h, self.P * (self.scaling * self.Lambda * self.live))  # (..., r_max) -> (..., d_out)
 
     @torch.no_grad()
     def merge(self):

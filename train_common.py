@@ -437,7 +437,7 @@ def wrap(net, device):
     if world() == 1:
         return net
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, forward_sync_buffers=False)
 
 
 def seed_dropout(args, state):

@@ -268,7 +268,8 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
     total, device = 0.0, next(iter(layers.values())).P.device
     with torch.autocast(device.type, enabled=False):  # bf16 Gram matrices are too coarse
         for (kind, _, _), group in groups.items():
-            stacked = torch.cat([getattr(m, kind) for m in group], dim=_RANK_DIM[kind]).float()
+            # (_full: under FSDP2, outside the forward, P and Q are shards; gathered with their gradient)
+            stacked = torch.cat([_full(getattr(m, kind)) for m in group], dim=_RANK_DIM[kind]).float()
             gram = stacked.T @ stacked if kind == "P" else stacked @ stacked.T  # (Σr_max, Σr_max)
             owner, block, eye = _blocks(tuple(m.r_max for m in group), gram.device)
             live = torch.cat([m.live for m in group]).float()  # (Σr_max,)

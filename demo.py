@@ -56,11 +56,11 @@ def make_problem(planted, d=32, seed=0):
 
 
 def train(planted, r0=3, steps=3000, b0=2, t_warmup=200, t_final=600, interval=20, lr=1e-2,
-          gamma=0.1, batch=128, d=32, seed=0, log_every=0):
+          gamma=0.1, batch=128, d=32, seed=0, log_every=0, r_max=16):
     """Train the student; returns (student, allocator, list of losses)."""
     torch.manual_seed(seed)
     teacher, student = make_problem(planted, d, seed)
-    fl.inject(student, r"mats\.\d+", r=r0, alpha=r0, r_max=d)  # d slots: the cap never binds
+    fl.inject(student, r"mats\.\d+", r=r0, alpha=r0, r_max=r_max)  # the slots: room to grow to r_max
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.0)
     alloc = fl.RankAllocator(student, b0, t_warmup, t_final, steps, interval, seed=seed)
@@ -91,11 +91,13 @@ if __name__ == "__main__":
     ap.add_argument("--b0", type=int, default=2)
     ap.add_argument("--interval", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--r_max", type=int, default=16, help="slots per adapter: the most rank a matrix can reach")
     args = ap.parse_args()
 
     t0 = time.time()
     student, alloc, losses = train(args.planted, r0=args.r0, steps=args.steps, b0=args.b0,
-                                   interval=args.interval, seed=args.seed, log_every=args.steps // 15)
+                                   interval=args.interval, seed=args.seed, log_every=args.steps // 15,
+                                   r_max=args.r_max)
     final = list(fl.rank_pattern(student).values())
     c = fl.churn(alloc.history)
     print(f"\nplanted ranks   {args.planted}  (total {sum(args.planted)})")

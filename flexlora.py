@@ -55,9 +55,10 @@ class FlexLoRALinear(nn.Module):
         y = x Wᵀ + c + s · x Qᵀ diag(λ ⊙ m) Pᵀ,     s = alpha / r_init
 
     P: (d_out, r_max), Λ: (r_max,), Q: (r_max, d_in) and the buffer `live` m: (r_max,), True for the
-    r slots in use. ΔW = 0 at start (λ = 0; init="lora": P = 0), and s is fixed at creation, never
+    r slots in use; r <= r_max <= min(d_in, d_out). ΔW = 0 at start (λ = 0; init="lora": P = 0), and s is fixed at creation, never
     following the rank: neither a new adapter nor a new direction moves the output. A dead slot
-    holds zeros and, masked out, gets exactly zero gradient. r_max (default 2 · r) is ours: the
+    holds zeros and, masked out, gets exactly zero gradient. r_max (default 2 · r, at most
+    min(d_in, d_out)) is ours: the
     paper has no cap (README, Deviations); the tensors never change shape, so DDP, FSDP and
     torch.compile keep working through every allocation."""
 
@@ -65,8 +66,11 @@ class FlexLoRALinear(nn.Module):
                  r_max: int = None):
         super().__init__()
         _need(isinstance(base, nn.Linear), f"FlexLoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        r, alpha = _int("r", r, 1), _positive("alpha", alpha)
-        r_max = 2 * r if r_max is None else _int("r_max (the slots; None: 2 · r)", r_max, r)
+        r, alpha, full = _int("r", r, 1), _positive("alpha", alpha), min(base.weight.shape)
+        _need(r <= full, f"r={r} is more than the {tuple(base.weight.shape)} matrix's rank {full}: "
+                         f"R could never reach 0; pass r <= {full}")
+        r_max = min(2 * r, full) if r_max is None else _int("r_max (the slots; None: 2 · r)", r_max, r)
+        _need(r_max <= full, f"r_max={r_max} is more than the {tuple(base.weight.shape)} matrix's rank {full}")
         _need(isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and 0 <= dropout < 1,
               f"dropout must be in [0, 1): {dropout!r}")
         _need(init in INITS, f"init must be 'gaussian' (the paper) or 'lora' (P = 0, λ = 1), got {init!r}")
@@ -227,7 +231,13 @@ def spectral_entropy(Lambda) -> torch.Tensor:
 
     Low I: energy in few directions (prune); high I: spread over all (expand). In float64. Where
     the paper is silent (the authors' code gives NaN): r = 1 and Σλ² = 0 give 0."""
-    lam = torch.as_tensor(Lambda).detach().reshape(-1).to(torch.float64)
+    try:
+        lam = torch.as_tensor(Lambda).detach()
+    except (TypeError, ValueError, RuntimeError):  # a string, None, a ragged list
+        raise ValueError(f"spectral_entropy takes the λ of one matrix, a 1-D tensor or list of numbers, "
+                         f"got {type(Lambda).__name__}") from None
+    _need(lam.dim() <= 1, f"spectral_entropy takes the λ of one matrix, a 1-D tensor or list, got shape {tuple(lam.shape)}")
+    lam = lam.reshape(-1).to(torch.float64)
     _need(torch.isfinite(lam).all(), f"non-finite λ {lam.tolist()[:8]}: training diverged")
     r = lam.numel()
     if r <= 1 or not lam.any():  # our conventions, see above
@@ -343,6 +353,20 @@ def _check_processes_agree(layers: dict, t: int):
                            f"they were trained apart (a model not wrapped in DDP or FSDP, or unequal seeds)")
 
 
+def _check_can_move(layers: dict, c: dict):
+    first = c["t_warmup"] + c["interval"]  # the first allocation step; b(t) only decreases after it
+    b = budget(first, c["b0"], c["t_warmup"], c["t_final"], c["total_steps"], c["schedule"])
+    _need(b > 0, f"this allocator never allocates: at its first allocation step ({first} = t_warmup + interval) "
+                 f"b(t) is {'past the window' if first > c['total_steps'] - c['t_final'] else '0'}; "
+                 f"shorten the interval or t_warmup + t_final, or raise b0 (b0=0 for a fixed-rank run)")
+    _need(len(layers) > 1, "one adapter: rank moves between matrices, so nothing would ever move; adapt more "
+                           "modules, or pass b0=0 for a fixed-rank run")
+    prunable = any(m.r > c["r_min"] for m in layers.values())
+    growable = any(m.r < min(c["r_max"] or m.r_max, m.r_max) for m in layers.values())
+    _need(prunable and growable, f"no adapter can {'lose' if not prunable else 'gain'} a direction "
+          f"(r_min={c['r_min']}, r_max={c['r_max']}, the slots): nothing would ever move; widen them, or b0=0")
+
+
 class RankAllocator:
     """Moves rank between the adapters of `model` during training (paper §3). Call step(t, optimizer)
     after optimizer.step() (and the LR scheduler's), before zero_grad(), t = optimizer steps so far.
@@ -356,6 +380,7 @@ class RankAllocator:
         budget(0, b0, t_warmup, t_final, total_steps, schedule)  # checks the schedule's arguments
         b0, t_warmup, t_final, total_steps = int(b0), int(t_warmup), int(t_final), int(total_steps)  # numpy's too
         interval, r_min, seed = _int("interval", interval, 1), _int("r_min", r_min, 1), _int("seed", seed, 0)
+        _need(seed < 2 ** 63, f"seed must be below 2**63 (a torch.Generator's), got {seed}")
         r_max = None if r_max is None else _int("r_max (None: the adapters' slots)", r_max, r_min)
         self.model, self.layers = model, adapters(model, required=True)
         small = {n: m.r_max for n, m in self.layers.items() if m.r_max < (r_max or 0)}
@@ -366,6 +391,8 @@ class RankAllocator:
                            f"(or nothing moves), not {dict(list(outside.items())[:3])}")
         self.config = dict(b0=b0, t_warmup=t_warmup, t_final=t_final, total_steps=total_steps,
                            interval=interval, r_min=r_min, r_max=r_max, seed=seed, schedule=schedule)
+        if b0 > 0:  # (b0 = 0: a fixed-rank run, on purpose) an allocator that could never move is a mistake
+            _check_can_move(self.layers, self.config)
         # our own generator: same seed -> same new directions, on every process of a multi-GPU run
         self.generator = torch.Generator().manual_seed(seed)
         self.history, self.last_step = [], 0  # last_step: the t of the last step() call; t must grow
@@ -381,8 +408,8 @@ class RankAllocator:
         live = torch.cat([m.live for m in self.layers.values()]).cpu()
         slots = dict(zip(self.layers, live.split([m.r_max for m in self.layers.values()])))
         lams = {n: lam[slots[n]] for n, lam in zip(self.layers, flat.split([m.r_max for m in self.layers.values()]))}
-        bad = [n for n, lam in lams.items() if not torch.isfinite(lam).all()]
-        _need(not bad, f"non-finite λ in {bad[:3]}: training diverged; lower the learning rate")
+        bad = [n for n, m in self.layers.items() if not all(torch.isfinite(_full(getattr(m, f))).all() for f in _RANK_DIM)]
+        _need(not bad, f"non-finite P, λ or Q in {bad[:3]}: training diverged; lower the learning rate")
         return lams
 
     def scores(self, lams: dict) -> dict:
@@ -403,6 +430,9 @@ class RankAllocator:
         _need(not any(m.merged for m in self.layers.values()), "an adapter is merged: unmerge() it to train on")
         lams = self.spectra()
         scores = self.scores(lams)
+        odd = {n: v for n, v in scores.items() if not (isinstance(v, numbers.Real) and math.isfinite(v))}
+        _need(not odd and set(scores) == set(lams), f"scores() must give a finite number for every adapter, "
+              f"got {dict(list(odd.items())[:3]) or sorted(set(lams) ^ set(scores))[:3]}")
         live = torch.cat([m.live for m in self.layers.values()]).cpu()  # the live slots, in spectra()'s order
         slots = {n: s.nonzero().squeeze(1).tolist() for n, s in zip(self.layers, live.split(
             [m.r_max for m in self.layers.values()]))}
@@ -491,6 +521,8 @@ def save_adapter(model: nn.Module, path: str):
     from safetensors.torch import save_file
     layers = adapters(model, required=True)
     tensors = {n: _full(p).detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
+    _need(not bad, f"{bad[:3]} hold non-finite values (training diverged): nothing was written")
     for name, layer in layers.items():  # even if the user froze some
         tensors |= {f"{name}.{f}": t.contiguous() for f, t in zip(_RANK_DIM, layer.live_factors())}
     config = {n: {"r": m.r, "r_init": m.r_init, "alpha": m.alpha, "init": m.init, "r_max": m.r_max,

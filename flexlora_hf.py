@@ -9,6 +9,8 @@ Unlike flexlora.py this file imports transformers (and peft, inside export_peft)
 """
 
 import json
+import math
+import numbers
 import os
 import re
 
@@ -59,8 +61,8 @@ class FlexLoRACallback(TrainerCallback):
 
     def __init__(self, model: nn.Module, gamma: float, **allocator_kwargs):
         flexlora.adapters(model, required=True)
-        if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+        if not (isinstance(gamma, numbers.Real) and not isinstance(gamma, bool) and 0 <= gamma < math.inf):
+            raise ValueError(f"gamma must be a finite number >= 0 (γ of the loss task + γ·R), got {gamma!r}")
         # a bad setting fails here, not at train begin (total_steps is not known before then)
         flexlora.RankAllocator(model, **{"total_steps": 10 ** 9, **allocator_kwargs})
         self.model, self.gamma, self.allocator_kwargs = model, float(gamma), allocator_kwargs

@@ -355,9 +355,8 @@ def test_allocation_respects_r_min_and_r_max():
     set_lambda(model.mats[0], [7.0])  # at r_min = 1: cannot be pruned
     rec = allocator(model, b0=1, r_max=3).step(1)  # everyone else at r_max = 3 except mats.0
     assert rec["pruned"] == ["mats.1"] and rec["expanded"] == ["mats.0"]
-    model = spectra_model()
-    rec = allocator(model, b0=2, r_min=3, r_max=4).step(1)  # nobody above r_min = 3
-    assert rec["k"] == 0 and rec["pruned"] == rec["expanded"] == []
+    with pytest.raises(ValueError, match="no adapter can lose a direction"):  # nobody above r_min = 3
+        allocator(spectra_model(), b0=2, r_min=3, r_max=4)
 
 
 def test_allocation_with_fewer_matrices_than_b_moves_what_it_can():
@@ -757,6 +756,68 @@ def test_growth_stops_at_the_slots_and_r_max_cannot_exceed_them():
         allocator(spectra_model(), r_max=7)
     with pytest.raises(ValueError, match=r"r_max \(the slots"):
         fl.inject(Matrices(2, 4), r"mats\.\d+", r=3, alpha=3, r_max=2)
+
+
+def test_churn_by_hand():
+    # step 10: a grows (a new direction in slot 3), b shrinks; step 20: a loses slot 3 again
+    history = [dict(pruned=["b"], expanded=["a"], removed={"b": 0}, added={"a": 3}),
+               dict(pruned=["a"], expanded=["b"], removed={"a": 3}, added={"b": 0})]
+    assert fl.churn(history) == dict(added_with_a_next=1, added_removed_at_next=1, flips=2)
+    # a direction counts only if removed at the very next allocation, and only the new one
+    h = [dict(pruned=[], expanded=["a"], removed={}, added={"a": 2}),
+         dict(pruned=["a"], expanded=["b"], removed={"a": 2}, added={"b": 2}),  # a's new one (slot 2)
+         dict(pruned=["b"], expanded=[], removed={"b": 0}, added={})]  # not b's new one (slot 2)
+    assert fl.churn(h) == dict(added_with_a_next=2, added_removed_at_next=1, flips=2)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(interval=200), r"never allocates: at its first allocation step \(210"),  # past the window
+    (dict(b0=1, schedule="cubic", t_warmup=0, t_final=0, total_steps=4, interval=3), "b\\(t\\) is 0"),
+    (dict(r_min=3, r_max=3), "no adapter can lose a direction"),
+    (dict(r_max=3), "no adapter can gain a direction"),
+    (dict(seed=2 ** 70), "below 2\\*\\*63"),
+])
+def test_an_allocator_that_could_never_move_is_refused(kw, msg):
+    args = dict(b0=2, t_warmup=10, t_final=10, total_steps=100, interval=5, schedule="constant") | kw
+    with pytest.raises(ValueError, match=msg):
+        fl.RankAllocator(matrices(n=3, r=3), **args)
+    single = matrices(n=1)
+    with pytest.raises(ValueError, match="one adapter"):
+        fl.RankAllocator(single, b0=1, t_warmup=0, t_final=0, total_steps=10, interval=1)
+    fl.RankAllocator(single, b0=0, t_warmup=0, t_final=0, total_steps=10, interval=1)  # b0 = 0: fixed rank, fine
+
+
+def test_non_finite_factors_or_scores_never_allocate_and_are_never_saved(tmp_path):
+    model = spectra_model()
+    with torch.no_grad():
+        model.mats[2].Q[0, 0] = float("nan")  # λ finite: only Q is wrong
+    ranks, alloc = fl.rank_pattern(model), allocator(model, b0=2)
+    with pytest.raises(ValueError, match=r"non-finite P, λ or Q in \['mats.2'\]"):
+        alloc.step(1)
+    assert fl.rank_pattern(model) == ranks and alloc.history == []
+    with pytest.raises(ValueError, match="non-finite values.*nothing was written"):
+        fl.save_adapter(model, str(tmp_path / "a.safetensors"))
+    assert not (tmp_path / "a.safetensors").exists()
+
+    class Broken(fl.RankAllocator):
+        def scores(self, lams):
+            return {n: float("nan") for n in lams}
+    with pytest.raises(ValueError, match="finite number for every adapter"):
+        Broken(spectra_model(), b0=2, t_warmup=0, t_final=0, total_steps=100, interval=1, schedule="constant").step(1)
+
+
+@pytest.mark.parametrize("bad", ["abc", None, [[1.0, 2.0], [3.0]], torch.ones(2, 3)])
+def test_spectral_entropy_takes_one_matrix_of_numbers(bad):
+    with pytest.raises(ValueError, match="spectral_entropy takes the λ of one matrix"):
+        fl.spectral_entropy(bad)
+
+
+def test_r_above_the_matrix_rank_is_refused():
+    with pytest.raises(ValueError, match=r"r=9 is more than the \(8, 8\) matrix's rank 8"):
+        fl.FlexLoRALinear(nn.Linear(8, 8), r=9, alpha=1)
+    with pytest.raises(ValueError, match="r_max=9 is more than"):
+        fl.FlexLoRALinear(nn.Linear(8, 8), r=4, alpha=1, r_max=9)
+    assert fl.FlexLoRALinear(nn.Linear(8, 8), r=6, alpha=1).r_max == 8  # 2 · r, capped at the rank
 
 
 # -----------------------------------------------------------------------------
@@ -1218,7 +1279,7 @@ def test_diverged_training_is_reported_not_scored_as_nan():
     model = spectra_model()
     with torch.no_grad():
         model.mats[3].Lambda[0] = float("nan")
-    with pytest.raises(ValueError, match=r"non-finite λ in \['mats.3'\]"):
+    with pytest.raises(ValueError, match=r"non-finite P, λ or Q in \['mats.3'\]"):
         allocator(model).step(1)
 
 

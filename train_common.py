@@ -8,8 +8,7 @@ A run directory (--output_dir) ends up holding:
     adapter.safetensors  FlexLoRA: adapter + head, for flexlora.load_adapter (PEFT methods: adapter/)
     peft_adapter/        FlexLoRA: the same as a PEFT LoRA adapter, for PeftModel.from_pretrained
     merged/              with --save_merged: ΔW folded into W, a plain transformers model for serving
-    ranks.png            final rank per layer x module type
-    rank_history.png     total rank per module type over training
+    (ranks.png, rank_history.png: python -m bench.plots RUN_DIR draws them from rank_history.json)
     checkpoint/          everything --resume needs (adapter, optimizer, LR scheduler, allocator, RNG)
 
 A mistake in the command line or in the files it names ends the run before it touches
@@ -109,7 +108,8 @@ def add_common_args(parser):
     g.add_argument("--schedule", default="cubic", choices=["cubic", "constant"],
                    help="b(t): the paper's cubic decay, or constant b0 (the authors' released code)")
     g.add_argument("--r_min", type=int, default=1, help="no matrix is pruned below this rank")
-    g.add_argument("--r_max", type=int, default=None, help="rank cap per matrix (default none)")
+    g.add_argument("--r_max", type=int, default=None,
+                   help="FlexLoRA's slots per matrix: the most rank it can grow to (default 2·r)")
     g.add_argument("--gamma", type=float, help="γ: the loss is task + γ·R, R = flexlora.orthogonal_regularizer")
     g.add_argument("--target_r", type=int, default=None,
                    help="AdaLoRA only: final average rank (default round(2r/3), AdaLoRA's own ratio)")
@@ -507,7 +507,7 @@ class FlexLoRA:
 
     def __init__(self, model, args, targets, trainable, total_steps):
         flexlora.inject(model, targets, r=args.r, alpha=args.alpha, dropout=args.lora_dropout, trainable=trainable,
-                        init="lora" if args.init == "lora" else "gaussian")
+                        init="lora" if args.init == "lora" else "gaussian", r_max=args.r_max)
         self.net = model
         self.allocator = flexlora.RankAllocator(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
                                                 total_steps=total_steps, interval=args.delta, r_min=args.r_min,
@@ -821,6 +821,113 @@ def autocast(args, device):
 # The training loop
 
 
+def build(args, model, targets, trainable, T, device):
+    """The method on `model`, its optimizer and LR schedule, and on --resume the checkpoint's state
+    put back into all three (the adapter first, then the optimizer built on it)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    with user_errors():  # flexlora's checks of r, alpha, the window; a checkpoint that does not fit
+        fit_window(args, T)
+        if args.method == "flexlora":
+            fit_delta(args, T)
+        model.to(device)
+        method, counts = setup_method(model, args, targets, trainable, T)
+        state = load_checkpoint(args, method) if args.resume else {}
+        optimizer = build_optimizer(method.net, args)
+        scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)
+        if state:
+            restore(state, method, optimizer, scheduler)
+    if args.resume and args.stop_after and args.stop_after <= state["step"]:
+        die(f"--stop_after {args.stop_after}: the checkpoint in {args.output_dir} is at step {state['step']} "
+            f"already; pass a later step, or none to finish the run")
+    if args.method == "flexlora":
+        counts["planned_allocations"] = len(allocation_steps(args, T))  # 0 only with --b0 0 (fit_delta)
+    return method, counts, optimizer, scheduler, state
+
+
+def epoch_loader(args, train_set, collate, device, epoch, skip):
+    """This rank's batches of an epoch from batch `skip` on. The order depends on (seed, epoch) only,
+    so a resumed run sees the same batches; the generator keeps the DataLoader off the global RNG
+    (dropout's). A rank's slice of a global batch left empty (a last batch smaller than the world)
+    computes one example, weighted 0 (train(): share)."""
+    order = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
+    B = args.batch_size
+    shards = [np.array_split(order[j:j + B], world())[rank()] for j in range(skip * B, len(order), B)]
+    return iter(torch.utils.data.DataLoader(train_set, batch_sampler=[(s if len(s) else order[:1]).tolist()
+                                                                      for s in shards],
+                                            collate_fn=collate, num_workers=args.num_workers,
+                                            pin_memory=device.type == "cuda", generator=torch.Generator()))
+
+
+class Divergence:
+    """The first step whose loss or gradient norm was not finite, kept on the device (no sync per
+    step) and read where the loop syncs anyway: log lines, evaluations, checkpoints."""
+
+    def __init__(self, args, device, last_ckpt, pbar):
+        self.args, self.pbar, self.last_ckpt = args, pbar, last_ckpt  # last_ckpt: the step on disk
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+
+    def mark(self, t, finite):
+        self.first_bad.masked_fill_((self.first_bad == 0) & ~finite, t)
+
+    def fail(self, what):
+        self.pbar.close()
+        kept = (f"the last good checkpoint (step {self.last_ckpt}) is kept in {self.args.output_dir}/checkpoint"
+                if self.last_ckpt is not None else "no checkpoint had been written")
+        die(f"training diverged: {what}. Nothing was saved from it; {kept}. Lower --lr or --lr_scale "
+            f"(the peak learning rate is {self.args.lr * self.args.lr_scale:g}) and run again", code=1)
+
+    def check(self, t, optimizer, weights=True):
+        first = self.first_bad.item()
+        if world() > 1:  # every rank stops together, at the first step that failed on any of them
+            steps = [None] * world()
+            dist.all_gather_object(steps, first)
+            first = min((s for s in steps if s), default=0)
+        if first:
+            self.fail(f"the loss became non-finite at step {first}")
+        params = [p for g in optimizer.param_groups for p in g["params"]]  # (the same on every rank)
+        if weights and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            self.fail(f"the trained weights are non-finite at step {t}")
+
+
+def step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence):
+    """One optimizer step t on this rank's part of the global batch (share: its fraction of the
+    examples), then the allocation. Returns (the task loss · share, R or None), detached."""
+    with autocast(args, next(method.net.parameters()).device):
+        loss = ddp(**batch).loss  # task loss (+ AdaLoRA's penalty, added by PEFT)
+    task = loss.detach() * share
+    loss = loss * (share * world())  # DDP averages over ranks: the global batch's mean
+    orth = method.regularizer()  # FlexLoRA's R
+    if orth is not None:
+        loss = loss + gamma_at(args, t) * orth  # the paper's loss: task + γ·R
+    loss.backward()
+    finite = torch.isfinite(loss.detach())  # this rank's (Divergence.check asks every rank)
+    if args.max_grad_norm > 0:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+    divergence.mark(t, finite)
+    optimizer.step()
+    scheduler.step()
+    try:
+        method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
+    except ValueError:  # flexlora's allocator refuses non-finite λ
+        divergence.check(t, optimizer)
+        raise
+    optimizer.zero_grad(set_to_none=True)
+    return task, None if orth is None else orth.detach()
+
+
+def log_line(args, method, optimizer, t, loss_sum, orth_sum, n, ms):
+    if world() > 1:
+        dist.all_reduce(loss_sum)  # the global batch's loss
+    line = f"step {t} | loss {loss_sum.item() / n:.4f}"
+    if args.method == "flexlora":
+        line += f" | orth {orth_sum.item() / n:.4f} | b(t) {method.budget(t)}"
+    g = optimizer.param_groups[0]  # the schedule's lr (λ, P and Q train at their multiples of it)
+    lr_now = args.lr * args.lr_scale * g["lr"] / g["initial_lr"]
+    return line + f" | rank {sum(method.ranks().values())} | lr {lr_now:.1e} | {ms:.0f} ms/step"
+
+
 def train(args, model, train_set, collate, evaluate, targets, trainable, score_key="score", source=None,
           processor=None):
     """Fine-tune `model` with args.method and write every output of the run to args.output_dir.
@@ -831,30 +938,12 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     processor: the tokenizer or image processor, saved beside the model in merged/.
     Returns metrics.json's content, or None when --stop_after ends the run early (or on ranks > 0).
     """
-    from transformers import get_linear_schedule_with_warmup
-
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     T = args.epochs * steps_per_epoch  # total optimizer steps
-    with user_errors():  # flexlora's checks of r, alpha, the window; a checkpoint that does not fit
-        fit_window(args, T)
-        if args.method == "flexlora":
-            fit_delta(args, T)
-        model.to(device)
-        method, counts = setup_method(model, args, targets, trainable, T)
-        net = method.net
-        # resume: the adapter first (new Parameter objects), then the optimizer built on them
-        state = load_checkpoint(args, method) if args.resume else {}
-        optimizer = build_optimizer(net, args)
-        scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)
-        if state:
-            restore(state, method, optimizer, scheduler)
-    start, evals, elapsed = state.get("step", 0), state.get("evals", []), state.get("elapsed", 0.0)
-    if args.resume and args.stop_after and args.stop_after <= start:
-        die(f"--stop_after {args.stop_after}: the checkpoint in {args.output_dir} is at step {start} already; "
-            f"pass a later step, or none to finish the run")
-    if args.method == "flexlora":
-        counts["planned_allocations"] = len(allocation_steps(args, T))  # 0 only with --b0 0 (fit_delta)
+    method, counts, optimizer, scheduler, state = build(args, model, targets, trainable, T, device)
+    net, start = method.net, state.get("step", 0)
+    evals, elapsed = state.get("evals", []), state.get("elapsed", 0.0)
     if world() > 1:
         seed_dropout(args, state)
     ddp = wrap(net, device)  # the forward; net itself for the rest (its parameters are DDP's)
@@ -869,117 +958,48 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
           f"{T} steps; device {device}" + (" (bf16 autocast)" if bf16(args, device) else "")
           + (f"; {world()} processes, {args.batch_size / world():g} examples each" if world() > 1 else ""))
 
-    def epoch_loader(epoch, skip):
-        # the data order of an epoch depends on (seed, epoch) only, so a resumed run sees the same
-        # batches; the generator keeps the DataLoader off the global RNG (dropout's)
-        order = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
-        B = args.batch_size
-        # this rank's slice of each global batch (all of it on one process); a slice left empty
-        # (a last batch smaller than the world) computes one example, weighted 0 (share below)
-        shards = [np.array_split(order[j:j + B], world())[rank()] for j in range(skip * B, len(order), B)]
-        return iter(torch.utils.data.DataLoader(train_set, batch_sampler=[(s if len(s) else order[:1]).tolist()
-                                                                          for s in shards],
-                                                collate_fn=collate, num_workers=args.num_workers,
-                                                pin_memory=device.type == "cuda", generator=torch.Generator()))
-
-    # divergence: the first step whose loss or gradient norm is not finite, kept on the device (no
-    # sync per step) and read where the loop syncs anyway: log lines, evaluations, checkpoints
-    first_bad = torch.zeros((), dtype=torch.long, device=device)
-    last_ckpt = start if args.resume else None  # the step of the checkpoint on disk
-
-    def diverged(what):
-        pbar.close()
-        kept = (f"the last good checkpoint (step {last_ckpt}) is kept in {args.output_dir}/checkpoint"
-                if last_ckpt is not None else "no checkpoint had been written")
-        die(f"training diverged: {what}. Nothing was saved from it; {kept}. Lower --lr or --lr_scale "
-            f"(the peak learning rate is {args.lr * args.lr_scale:g}) and run again", code=1)
-
-    def stop_if_diverged(t, weights=True):
-        first = first_bad.item()
-        if world() > 1:  # every rank stops together, at the first step that failed on any of them
-            steps = [None] * world()
-            dist.all_gather_object(steps, first)
-            first = min((s for s in steps if s), default=0)
-        if first:
-            diverged(f"the loss became non-finite at step {first}")
-        params = [p for g in optimizer.param_groups for p in g["params"]]  # (the same on every rank)
-        if weights and not torch.stack([torch.isfinite(p).all() for p in params]).all():
-            diverged(f"the trained weights are non-finite at step {t}")
-
     net.train()
     batches, t0, tick = None, time.time(), time.time()
     loss_sum, orth_sum, n_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
     pbar = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True, disable=rank() > 0)
-    for step in range(start, T):
-        epoch, i = divmod(step, steps_per_epoch)
+    divergence = Divergence(args, device, start if args.resume else None, pbar)
+    for s in range(start, T):
+        epoch, i = divmod(s, steps_per_epoch)
         if batches is None or i == 0:
-            batches = epoch_loader(epoch, i)
+            batches = epoch_loader(args, train_set, collate, device, epoch, i)
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         n = min(args.batch_size, len(train_set) - i * args.batch_size)  # examples in the global batch
         share = (n // world() + (rank() < n % world())) / n  # this rank's part of them (1 on one process)
-        t = step + 1  # optimizer steps taken, after this one
-
-        # forward, backward, step
-        with autocast(args, device):
-            loss = ddp(**batch).loss  # task loss (+ AdaLoRA's penalty, added by PEFT)
-        loss_sum += loss.detach() * share
-        loss = loss * (share * world())  # DDP averages over ranks: the global batch's mean
-        orth = method.regularizer()  # FlexLoRA's R
-        if orth is not None:
-            orth_sum += orth.detach()
-            loss = loss + gamma_at(args, t) * orth  # the paper's loss: task + γ·R
-        loss.backward()
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        finite = torch.isfinite(loss.detach())  # this rank's (stop_if_diverged asks every rank)
-        if args.max_grad_norm > 0:
-            finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
-        first_bad.masked_fill_((first_bad == 0) & ~finite, t)  # on the device: no sync
-        optimizer.step()
-        scheduler.step()
-        try:
-            method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
-        except ValueError:  # flexlora's allocator refuses non-finite λ
-            stop_if_diverged(t)
-            raise
-        optimizer.zero_grad(set_to_none=True)
+        t = s + 1  # optimizer steps taken, after this one
+        task, orth = step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence)
+        loss_sum += task
+        orth_sum += 0.0 if orth is None else orth
         n_logged += 1
         pbar.update(1)
-
-        # one log line every log_every steps
-        if t % args.log_every == 0 or t == T:
-            ms = 1000 * (time.time() - tick) / n_logged
-            if world() > 1:
-                dist.all_reduce(loss_sum)  # the global batch's loss
-            line = f"step {t} | loss {loss_sum.item() / n_logged:.4f}"
-            if orth is not None:
-                line += f" | orth {orth_sum.item() / n_logged:.4f} | b(t) {method.budget(t)}"
-            g = optimizer.param_groups[0]  # the schedule's lr (λ, P and Q train at their multiples of it)
-            lr_now = args.lr * args.lr_scale * g["lr"] / g["initial_lr"]
-            line += f" | rank {sum(method.ranks().values())} | lr {lr_now:.1e}"
-            pbar.write(line + f" | {ms:.0f} ms/step")
-            stop_if_diverged(t, weights=False)
+        if t % args.log_every == 0 or t == T:  # one log line every log_every steps
+            pbar.write(log_line(args, method, optimizer, t, loss_sum, orth_sum, n_logged,
+                                1000 * (time.time() - tick) / n_logged))
+            divergence.check(t, optimizer, weights=False)
             loss_sum.zero_(), orth_sum.zero_()
             n_logged, tick = 0, time.time()
 
         stop = t == args.stop_after and t < T  # (a stop simulates an interruption)
         evaluate_now, checkpoint_now = t % eval_steps == 0 or t == T, t % ckpt_steps == 0 or stop
         if evaluate_now or checkpoint_now:
-            stop_if_diverged(t)  # a diverged model is never evaluated, checkpointed or saved
-        # evaluate every eval_every epochs and at the end
-        if evaluate_now:
+            divergence.check(t, optimizer)  # a diverged model is never evaluated, checkpointed or saved
+        if evaluate_now:  # every eval_every epochs and at the end
             tic = time.time()
             try:
                 metrics = evaluate(net)
             except FloatingPointError as e:  # predict(): non-finite logits
-                diverged(f"{e} at step {t}")
+                divergence.fail(f"{e} at step {t}")
             evals.append(dict(step=t, epoch=round(t / steps_per_epoch, 3), **metrics))
             pbar.write(f"eval step {t}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             tick += time.time() - tic  # evaluation does not count as step time
-        # checkpoint
         if checkpoint_now:
             save_checkpoint(args, method, optimizer, scheduler, dict(
                 step=t, evals=evals, initial_ranks=initial_ranks, elapsed=elapsed + time.time() - t0))
-            last_ckpt = t
+            divergence.last_ckpt = t
         if stop:
             pbar.close()
             print(f"stopped after step {t} (--stop_after); continue with --resume {args.output_dir}")
@@ -1007,7 +1027,7 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
         counts["final_adapter"] = sum(m.r * (m.P.shape[0] + m.Q.shape[1] + 1) for m in layers)
         h = method.history
         stats = dict(allocations=len(h), expanded=sum(len(r["expanded"]) for r in h),
-                     pruned=sum(len(r["pruned"]) for r in h), **churn(h))
+                     pruned=sum(len(r["pruned"]) for r in h), **flexlora.churn(h))
     result = dict(config=vars(args), run=run, counts=counts, evals=evals, final=evals[-1], best=best,
                   allocation_stats=stats, wall_time_s=round(elapsed, 1), train_steps=T, device=str(device))
     write_json(os.path.join(args.output_dir, "rank_history.json"),
@@ -1018,7 +1038,6 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
         method.merged().save_pretrained(folder)
         if processor is not None:
             processor.save_pretrained(folder)
-    plot_ranks(final_ranks, initial_ranks, method.history, T, args.output_dir, args.method)
     write_json(os.path.join(args.output_dir, "metrics.json"), result)  # last: a finished run has it
     print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items() if k not in ("step", "epoch")))
     print(f"best (step {best['step']}): {score_key} {best[score_key]:.4f}; {elapsed:.0f} s; "
@@ -1053,63 +1072,3 @@ def provenance():
     return dict(versions=dict(python=platform.python_version(), torch=torch.__version__,
                               transformers=transformers.__version__, peft=peft and peft.__version__,
                               numpy=np.__version__), git_commit=commit, git_dirty=dirty)
-
-
-def churn(history):
-    """Prune/expand oscillation in RankAllocator.history: of the directions added at one allocation
-    (added_with_a_next: those followed by another allocation), how many the very next one removed
-    (added_removed_at_next), and the matrices that flip between the prune and expand sets."""
-    added = removed = flips = 0
-    for prev, cur in zip(history, history[1:]):
-        added += len(prev["expanded"])
-        # a new direction is appended last: index prev_rank - 1 until the next allocation
-        removed += sum(cur["removed"].get(n) == prev["ranks"][n] - 1 for n in prev["expanded"])
-        flips += len(set(prev["expanded"]) & set(cur["pruned"]))  # grown, then pruned
-        flips += len(set(prev["pruned"]) & set(cur["expanded"]))  # pruned, then grown
-    return dict(added_with_a_next=added, added_removed_at_next=removed, flips=flips)
-
-
-# -----------------------------------------------------------------------------
-# Pictures: where the rank went
-
-
-def _layer_and_type(name):
-    # "deberta.encoder.layer.3.attention.self.query_proj" -> (3, "attention.self.query_proj")
-    m = re.search(r"\.(\d+)\.(.+)$", name)
-    return (int(m[1]), m[2]) if m else (0, name)
-
-
-def plot_ranks(final, initial, history, T, out_dir, method):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # final rank per layer x module type
-    parsed = {n: _layer_and_type(n) for n in final}
-    layers = sorted({l for l, _ in parsed.values()})
-    types = list(dict.fromkeys(ty for _, ty in parsed.values()))
-    grid = np.full((len(types), len(layers)), np.nan)
-    for n, (l, ty) in parsed.items():
-        grid[types.index(ty), layers.index(l)] = final[n]
-    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * len(layers), 1 + 0.45 * len(types)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    for (y, x), v in np.ndenumerate(grid):
-        if not np.isnan(v):
-            ax.text(x, y, int(v), ha="center", va="center", color="w", fontsize=8)
-    ax.set(xticks=range(len(layers)), xticklabels=layers, yticks=range(len(types)), yticklabels=types,
-           xlabel="layer", title=f"{method}: final rank (total {int(np.nansum(grid))})")
-    fig.colorbar(im, ax=ax)
-    fig.savefig(os.path.join(out_dir, "ranks.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-    # total rank per module type over training
-    points = [(0, initial)] + [(h["step"], h["ranks"]) for h in history] + [(T, final)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for ty in types:
-        ys = [sum(r for n, r in ranks.items() if _layer_and_type(n)[1] == ty) for _, ranks in points]
-        ax.step([s for s, _ in points], ys, where="post", label=ty)
-    ax.set(xlabel="step", ylabel="total rank", title=f"{method}: rank per module type")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.savefig(os.path.join(out_dir, "rank_history.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)

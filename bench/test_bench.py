@@ -384,3 +384,15 @@ def test_quality_methods_take_a_learning_rate_multiple():
     for bad in ("bogus", "lora@x", "lora@0", "lora@-1"):
         with pytest.raises(SystemExit):
             Q.get_args(["--methods", bad])
+
+
+def test_plots_draw_a_runs_rank_history(tmp_path):
+    import bench.plots as plots
+    history = [dict(step=5, ranks={"enc.layer.0.query": 4, "enc.layer.1.query": 2})]
+    (tmp_path / "rank_history.json").write_text(json.dumps(dict(
+        method="flexlora", initial={"enc.layer.0.query": 3, "enc.layer.1.query": 3}, history=history,
+        final=history[-1]["ranks"])))
+    (tmp_path / "metrics.json").write_text(json.dumps(dict(train_steps=10)))
+    plots.plot_run(str(tmp_path))
+    for f in ("ranks.png", "rank_history.png"):
+        assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG"

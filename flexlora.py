@@ -206,7 +206,10 @@ def inject(model: nn.Module, target_modules, r: int, alpha: float, dropout: floa
     trained = {n for n, _ in model.named_parameters() if any(_param_matches(n, t) for t in keep)}
     missing = [t for t in keep if not any(_param_matches(n, t) for n in trained)]
     _need(not missing, f"trainable {missing} match no module or parameter of the model")
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" not in trained]
+    # not nn.MultiheadAttention's out_proj: its forward reads out_proj.weight itself, never calling it
+    inside_mha = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    linears = [n for n, m in model.named_modules()  # (n = "": the model itself, which inject cannot replace)
+               if n and isinstance(m, nn.Linear) and f"{n}.weight" not in trained and n not in inside_mha]
     missing = [t for t in targets if not any(matches(n, t) for n in linears)]
     known = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in linears})  # layer indices collapsed to N
     _need(not missing, f"target_modules {missing} match no nn.Linear of the model outside `trainable`. "
@@ -575,7 +578,7 @@ def load_adapter(model: nn.Module, path: str):
                   all(isinstance(j, int) and 0 <= j < r_max for j in slots), f"{n}: slots {slots!r} are not "
                   f"{r} distinct slots of {r_max}")
             settings[n] = (r_init, alpha, c.get("init", "gaussian"), r_max, alpha / r_init, slots)  # (may overflow)
-    except (ValueError, OverflowError, SafetensorError) as e:  # json.JSONDecodeError is a ValueError
+    except (ValueError, OverflowError, RecursionError, SafetensorError) as e:  # JSONDecodeError is a ValueError
         why = f"its 'adapters' metadata is broken JSON ({e})" if isinstance(e, json.JSONDecodeError) else e
         raise ValueError(f"{path} cannot be loaded, nothing was changed: {why}") from None
 
@@ -614,7 +617,11 @@ def unmerge(model: nn.Module):
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put its nn.Linear back, in place, to save and serve the plain model."""
+    """Merge every adapter and put its nn.Linear back, in place, to save and serve the plain model
+    (a bare FlexLoRALinear: its merged nn.Linear)."""
+    if isinstance(model, FlexLoRALinear):
+        model.merge()
+        return model.base
     for name, layer in adapters(model).items():
         layer.merge()  # W ← W + ΔW
         parent, _, child = name.rpartition(".")

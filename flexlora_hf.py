@@ -154,8 +154,15 @@ def _read_allocator(args, step: int) -> dict:
     for folder in folders:
         path = os.path.join(folder, ALLOCATOR_FILE)
         if os.path.isfile(path):
-            with open(path) as f:
-                d = json.load(f)
+            try:
+                with open(path) as f:
+                    d = json.load(f)
+                ok = isinstance(d, dict) and isinstance(d.get("generator"), list)
+            except ValueError:  # broken JSON, not UTF-8
+                ok = False
+            if not ok:
+                raise ValueError(f"{path} is damaged (not the JSON object FlexLoRACallback writes): resume from "
+                                 "an earlier checkpoint, or start again")
             if d.get("step") == step:
                 d["generator"] = torch.tensor(d["generator"], dtype=torch.uint8)
                 return d
@@ -184,6 +191,8 @@ def export_peft(model: nn.Module, out_dir: str, **config_kwargs):
     from safetensors.torch import save_file
 
     layers = flexlora.adapters(model, required=True)
+    if not str(out_dir) or os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"export_peft writes a folder: {str(out_dir)!r} is {'empty' if not str(out_dir) else 'a file'}")
     if any(m.merged for m in layers.values()):
         raise ValueError("an adapter is merged: call flexlora.unmerge(model) before export_peft")
     dropouts = {m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0 for m in layers.values()}

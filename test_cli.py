@@ -259,3 +259,52 @@ def test_metrics_record_what_ran(tmp_path, monkeypatch):
                          "--t_w", "1", "--t_f", "2", "--delta", "1", "--output_dir", out])
     assert m["run"]["model"].startswith("smoke: a tiny random DeBERTa") and m["config"]["model"] is None
     assert m["run"]["data"] == f"GLUE TSVs in {os.path.abspath(glue)}"
+
+
+# -----------------------------------------------------------------------------
+# The second probe set: bad data, a finished run, a kill while a checkpoint was removed, a hand-set
+# WORLD_SIZE, default folders of runs started at once
+
+
+@pytest.mark.parametrize("split, score", [("train", "nan"), ("dev", "inf")])
+def test_a_non_finite_stsb_score_is_a_data_error_naming_file_and_line(tmp_path, capsys, split, score):
+    root = tmp_path / "glue"
+    write_glue(root)
+    path = root / "STS-B" / f"{split}.tsv"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].rsplit("\t", 1)[0] + f"\t{score}\n"  # the third example
+    path.write_text("".join(lines))
+    msg = user_error(train_glue.main, GLUE_TINY + ["--task", "stsb", "--data_dir", str(root),
+                                                    "--output_dir", str(tmp_path / "run")], capsys)
+    assert f"{path} line 4: label '{score}' is not one of a finite score" in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_finished_run_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "done")
+    train_glue.main(GLUE_TINY + ["--output_dir", out])
+    before = (tmp_path / "done" / "metrics.json").read_text()
+    msg = user_error(train_glue.main, ["--resume", out], capsys)
+    assert "has finished" in msg and (tmp_path / "done" / "metrics.json").read_text() == before
+
+
+def test_resume_beside_a_leftover_checkpoint_old(tmp_path):
+    # killed while save_checkpoint removed checkpoint.old: both are there, checkpoint/ complete
+    out = stopped_run(tmp_path)
+    shutil.copytree(os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.old"))
+    assert train_glue.main(["--resume", out])["final"]
+    assert not os.path.exists(os.path.join(out, "checkpoint.old"))
+
+
+def test_world_size_set_by_hand_says_to_use_a_launcher(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    msg = user_error(train_glue.main, GLUE_TINY + ["--output_dir", str(tmp_path / "run")], capsys)
+    assert "no launcher started this process: run it with torchrun" in msg
+
+
+def test_default_folders_of_runs_started_in_one_second_differ(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    folders = {common.prepare_output_dir(train_glue.get_args(["--smoke"]), "glue-cola").output_dir
+               for _ in range(3)}
+    assert len(folders) == 3

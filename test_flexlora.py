@@ -820,6 +820,28 @@ def test_r_above_the_matrix_rank_is_refused():
     assert fl.FlexLoRALinear(nn.Linear(8, 8), r=6, alpha=1).r_max == 8  # 2 · r, capped at the rank
 
 
+def test_inject_skips_what_it_cannot_replace_and_unload_takes_a_bare_adapter():
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))  # out_proj: read, never called
+    assert list(fl.inject(mha, ".*", r=2, alpha=2)) == ["1"]
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        fl.inject(nn.Linear(4, 4), ".*", r=1, alpha=1)  # the model itself: nothing to replace it in
+    layer = fl.FlexLoRALinear(nn.Linear(4, 4), r=2, alpha=2)
+    with torch.no_grad():
+        layer.Lambda[:2] = 1.0
+    x = torch.randn(3, 4)
+    out = layer(x)
+    plain = fl.unload(layer)
+    assert type(plain) is nn.Linear and torch.allclose(plain(x), out, atol=1e-6)
+
+
+def test_adapter_metadata_nested_too_deep_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "deep.safetensors"
+    save_file({"x": torch.zeros(1)}, path, metadata={"format": "flexlora", "adapters": "[" * 100000 + "]" * 100000})
+    with pytest.raises(ValueError, match="cannot be loaded, nothing was changed"):
+        fl.load_adapter(matrices(n=2), str(path))
+
+
 # -----------------------------------------------------------------------------
 # 8. determinism, our own generator, the adapter's dtype
 

@@ -457,3 +457,34 @@ def test_trainer_with_flexlora_param_groups_keeps_the_lr_ratios(tmp_path):
     assert peak[id(model.classifier.weight)] == LR
     for layer in fl.adapters(model).values():  # the new λ, P and Q too
         assert peak[id(layer.Lambda)] == pytest.approx(16 * LR) and peak[id(layer.P)] == pytest.approx(3 * LR)
+
+
+def test_export_peft_into_nothing_or_a_file_is_one_clear_error(tmp_path):
+    model = bert_for_trainer()
+    (tmp_path / "a_file").write_text("x")
+    for bad in ("", str(tmp_path / "a_file")):
+        with pytest.raises(ValueError, match="export_peft writes a folder"):
+            export_peft(model, bad)
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+@pytest.mark.parametrize("content", ['{"step": 4, "gen', "[1, 2]", '{"step": 4}'])
+def test_a_damaged_allocator_file_on_resume_is_one_clear_error(tmp_path, content):
+    model = bert_for_trainer()
+    callback = FlexLoRACallback(model, gamma=GAMMA, **ALLOC)
+    trainer(model, tmp_path / "run", [callback], save_steps=4).train()
+    (tmp_path / "run" / "checkpoint-4" / "flexlora_allocator.json").write_text(content)
+    again = bert_for_trainer()
+    tr = trainer(again, tmp_path / "run", [FlexLoRACallback(again, gamma=GAMMA, **ALLOC)], save_steps=4)
+    with pytest.raises(ValueError, match="flexlora_allocator.json is damaged"):
+        tr.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+
+
+def test_trainer_resume_into_another_alpha_is_refused(tmp_path):
+    model = bert_for_trainer()
+    trainer(model, tmp_path / "run", [FlexLoRACallback(model, gamma=GAMMA, **ALLOC)], save_steps=4).train()
+    other = tiny_bert()
+    fl.inject(other, BERT_TARGETS, r=3, alpha=12, trainable=("classifier",))  # s = 4, not 2
+    tr = trainer(other, tmp_path / "run", [FlexLoRACallback(other, gamma=GAMMA, **ALLOC)], save_steps=4)
+    with pytest.raises(ValueError, match=r"\[r_init, alpha, init\] \[3, 6.0, 'gaussian'\], the model's \[3, 12.0"):
+        tr.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))

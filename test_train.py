@@ -462,6 +462,9 @@ def test_output_dir_is_not_overwritten(tmp_path):
     with pytest.raises(SystemExit, match="already holds a run.*--overwrite"):
         train_glue.main(GLUE_TINY + ["--output_dir", str(out)])
     assert (out / "metrics.json").read_text() == "{}"
+    with pytest.raises(SystemExit, match="has finished"):  # a finished run (metrics.json): nothing to resume
+        train_glue.main(["--resume", str(out)])
+    (out / "metrics.json").unlink()
     with pytest.raises(SystemExit, match="no checkpoint"):
         train_glue.main(["--resume", str(out)])
 

@@ -207,6 +207,8 @@ def recover_checkpoint(out_dir):
     if not os.path.exists(ckpt) and os.path.isdir(ckpt + ".old"):
         os.replace(ckpt + ".old", ckpt)
         print(f"note: recovered {ckpt} from {ckpt}.old (a run stopped while saving its checkpoint)")
+    elif os.path.isdir(ckpt) and os.path.lexists(ckpt + ".old"):  # stopped while removing the old one:
+        shutil.rmtree(ckpt + ".old", ignore_errors=True)  # checkpoint/ is complete (it was swapped in)
 
 
 STARTED = False  # has start_run() touched --output_dir? (before it, Ctrl-C leaves an old run whole)
@@ -221,6 +223,9 @@ def prepare_output_dir(args, name, check=check_args):
     if args.resume:
         if not os.path.isdir(args.resume):
             die(f"--resume {args.resume}: no such directory")
+        if os.path.exists(os.path.join(args.resume, "metrics.json")):
+            die(f"--resume {args.resume}: that run has finished (metrics.json is there): nothing to continue; "
+                f"start a new run, or --overwrite it")
         recover_checkpoint(args.resume)
         saved = os.path.join(args.resume, "checkpoint", "args.json")
         if not os.path.exists(saved):
@@ -246,8 +251,9 @@ def prepare_output_dir(args, name, check=check_args):
         check(args)
         return args
     check(args)
-    if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"{name}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.output_dir is None:  # to the microsecond and the process: two runs started at once never share it
+        stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() // 1000 % 10 ** 6:06d}-{os.getpid()}"
+        args.output_dir = os.path.join("runs", f"{name}-{args.method}-{stamp}")
     parent = os.path.abspath(args.output_dir)
     while not os.path.exists(parent):  # the folder, or the nearest one above it that exists
         parent = os.path.dirname(parent)
@@ -405,6 +411,9 @@ def launch(args, name, check=check_args):
     """Join torchrun's process group (when launched by torchrun), then prepare_output_dir on rank
     0 alone, whose decisions the other ranks take (the run directory; --resume: the saved settings).
     Rank 0 alone clears an --overwrite'n run too, once every rank has loaded (train(): start_run)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_ADDR" not in os.environ:
+        die("WORLD_SIZE is set but no launcher started this process: run it with torchrun --nproc_per_node N "
+            "(or unset WORLD_SIZE)")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -532,7 +541,7 @@ class FlexLoRA:
         return flexlora.orthogonal_regularizer(self.net)
 
     def allocate(self, t, optimizer):
-        self.allocator.step(t, optimizer)  # swaps Parameters and re-points the optimizer
+        self.allocator.step(t, optimizer)  # rewrites slots and their optimizer state in place
 
     def budget(self, t):
         c = self.allocator.config
@@ -551,7 +560,7 @@ class FlexLoRA:
         flexlora.save_adapter(self.net, path)
 
     def load_weights(self, path):
-        flexlora.load_adapter(self.net, path)  # new Parameter objects, with the saved ranks
+        flexlora.load_adapter(self.net, path)  # into the same slots, before the optimizer is built
 
     def save(self, out_dir):
         flexlora.save_adapter(self.net, os.path.join(out_dir, "adapter.safetensors"))

@@ -27,6 +27,7 @@ $ python train_glue.py --resume runs/glue-rte-flexlora-...
 
 import argparse
 import csv
+import math
 import os
 import warnings
 
@@ -123,12 +124,14 @@ def read_tsv(path, task):
         try:
             if task == "stsb":
                 labels.append(float(value))
+                if not math.isfinite(labels[-1]):  # float() takes "nan" and "inf"
+                    raise ValueError
             elif names:
                 labels.append(names.index(value))
             else:
                 labels.append(("0", "1").index(value))
         except ValueError:
-            expect = "a score" if task == "stsb" else (names or ("0", "1"))
+            expect = "a finite score" if task == "stsb" else (names or ("0", "1"))
             hint = " (CoLA's TSV has no header: source, label, mark, sentence)" if task == "cola" else ""
             raise ValueError(f"{path} line {line}: label {value!r} is not one of {expect}: "
                              f"not a GLUE {folder} file{hint}") from None

@@ -84,6 +84,9 @@ class FlexLoRALinear(nn.Module):
         self.Lambda = nn.Parameter(F.pad(lam, (0, r_max - r)).to(**like))  # (r_max,)
         self.Q = nn.Parameter(F.pad(Q, (0, 0, 0, r_max - r)).to(**like))  # (r_max, d_in)
         self.register_buffer("live", torch.arange(r_max, device=like["device"]) < r)  # (r_max,) bool
+        # a state dict always holds the unmerged W, so that it loads into any model as the same function
+        self.register_state_dict_post_hook(_unmerged_weight)
+        self.register_load_state_dict_pre_hook(lambda module, *args: module.unmerge())
 
     @property
     def r(self) -> int:
@@ -129,6 +132,12 @@ class FlexLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"r={self.r}, r_max={self.r_max}, r_init={self.r_init}, alpha={self.alpha}, init={self.init}, "
                 f"merged={self.merged}")
+
+
+def _unmerged_weight(layer, state_dict, prefix, local_metadata):
+    if layer.merged:  # W + ΔW sits in base.weight: the state dict gets W
+        w = state_dict[prefix + "base.weight"]
+        state_dict[prefix + "base.weight"] = (w - layer.delta_weight().to(w.dtype)).detach()
 
 
 def _fresh(init: str, d_out: int, r: int, d_in: int, gen: torch.Generator = None):
@@ -274,6 +283,8 @@ def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
     height side by side, F = [P_1 … P_n], of FᵀF only the blocks PᵢᵀPᵢ, live rows and columns (the Q's alike).
     Deviation (authors' code): they average over the 2K factors, half of R, so their γ is twice ours."""
     layers = adapters(model, required=True)
+    # (merged, P and Q are out of the forward: a step of R alone would move ΔW away from the one in W)
+    _need(not any(m.merged for m in layers.values()), "an adapter is merged: unmerge() it to train on")
     groups = {}  # one group per factor kind, size and device
     for m in layers.values():
         groups.setdefault(("P", m.P.shape[0], m.P.device), []).append(m)  # directions = columns
@@ -401,8 +412,8 @@ class RankAllocator:
         self.history, self.last_step = [], 0  # last_step: the t of the last step() call; t must grow
 
     def spectra(self) -> dict:
-        """{module name: each live direction's size, in slot order, a float32 CPU tensor}, with one device-to-host
-        copy: λ (paper §3, the singular values as R keeps P, Q near-orthonormal). Deviation (ours), init="lora":
+        """{module name: each live direction's size, in slot order, a float32 CPU tensor}, with three device-to-host
+        copies: λ (paper §3, the singular values as R keeps P, Q near-orthonormal). Deviation (ours), init="lora":
         P starts at 0 and carries the size while λ stays near 1, so |λ_i|·‖p_i‖·‖q_i‖, the i-th term of ΔW / s."""
         def size(m):
             lam = _full(m.Lambda)
@@ -411,7 +422,9 @@ class RankAllocator:
         live = torch.cat([m.live for m in self.layers.values()]).cpu()
         slots = dict(zip(self.layers, live.split([m.r_max for m in self.layers.values()])))
         lams = {n: lam[slots[n]] for n, lam in zip(self.layers, flat.split([m.r_max for m in self.layers.values()]))}
-        bad = [n for n, m in self.layers.items() if not all(torch.isfinite(_full(getattr(m, f))).all() for f in _RANK_DIM)]
+        finite = torch.stack([torch.stack([torch.isfinite(_full(getattr(m, f))).all() for f in _RANK_DIM]).all()
+                              for m in self.layers.values()]).cpu()  # (one more device-to-host copy)
+        bad = [n for n, ok in zip(self.layers, finite.tolist()) if not ok]
         _need(not bad, f"non-finite P, λ or Q in {bad[:3]}: training diverged; lower the learning rate")
         return lams
 
@@ -604,8 +617,21 @@ def load_adapter(model: nn.Module, path: str):
             params[name].copy_(value)
 
 
+def _check_not_shared(model: nn.Module):
+    # a base weight that another module also uses (a tied lm_head, a Linear in two places) would
+    # carry ΔW there too
+    layers, names = adapters(model), {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    shared = [names[id(m.base.weight)] for m in layers.values() if len(names[id(m.base.weight)]) > 1]
+    if shared:
+        raise ValueError(f"the weight of {shared[0][0]} is also {shared[0][1:]}: merging would change those "
+                         f"too. Untie it (e.g. a tied lm_head: clone the weight), or keep the adapters unmerged")
+
+
 def merge(model: nn.Module):
     """Fold every adapter into its base weight (W ← W + ΔW); unmerge(model) undoes it."""
+    _check_not_shared(model)
     for layer in adapters(model).values():
         layer.merge()
 
@@ -622,6 +648,7 @@ def unload(model: nn.Module) -> nn.Module:
     if isinstance(model, FlexLoRALinear):
         model.merge()
         return model.base
+    _check_not_shared(model)
     for name, layer in adapters(model).items():
         layer.merge()  # W ← W + ΔW
         parent, _, child = name.rpartition(".")

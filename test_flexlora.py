@@ -1335,3 +1335,31 @@ def test_readme_snippet_runs_and_prints_what_it_says(tmp_path, monkeypatch, caps
     assert len(claimed) == len(printed) == 2
     assert all(c.startswith("e.g.") or c == p for c, p in zip(claimed, printed))
     assert (tmp_path / "adapter.safetensors").exists()
+
+
+def test_a_merged_adapter_cannot_train_and_its_state_dict_holds_the_unmerged_weights():
+    model = spectra_model()
+    x = torch.randn(4, 8)
+    ref = model(x).detach()
+    fl.merge(model)
+    assert not model(x).requires_grad  # P, Q, λ are out of a merged forward: no gradient moves them
+    with pytest.raises(ValueError, match="merged: unmerge"):  # R would: refused
+        fl.orthogonal_regularizer(model)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-5)  # evaluation while merged is fine
+    fresh = spectra_model()  # the same base weights, unmerged, other adapters
+    fresh.load_state_dict(model.state_dict())  # ΔW counted once, not twice
+    assert torch.allclose(fresh(x), ref, atol=1e-5) and not any(m.merged for m in fl.adapters(fresh).values())
+    model.load_state_dict(fresh.state_dict())  # into a merged model: it unmerges first
+    assert torch.allclose(model(x), ref, atol=1e-5)
+
+
+def test_merging_a_shared_weight_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight  # tied, as an lm_head with the input embedding
+    fl.inject(model, ["0"], r=2, alpha=2)
+    with pytest.raises(ValueError, match=r"the weight of 0.base.weight is also \['1.weight'\]"):
+        fl.merge(model)
+    with pytest.raises(ValueError, match="Untie it"):
+        fl.unload(model)
+    assert not model[0].merged

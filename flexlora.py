@@ -11,12 +11,12 @@ paper or the authors' code are marked "Deviation"; every function checks its arg
 3) LoRA, Hu et al., ICLR 2022, https://arxiv.org/abs/2106.09685
 """
 
-import functools
 import json
 import math
 import numbers
 import os
 import re
+import shutil
 import warnings
 
 import torch
@@ -279,38 +279,30 @@ def budget(t: int, b0: int, t_warmup: int, t_final: int, total_steps: int, sched
 
 def orthogonal_regularizer(model: nn.Module) -> torch.Tensor:
     """R = mean over adapters of ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F over the live directions (unsquared; paper §2),
-    in a few large ops, not ~20 small ones per adapter (a GPU waits on their number): the P's of equal
-    height side by side, F = [P_1 … P_n], of FᵀF only the blocks PᵢᵀPᵢ, live rows and columns (the Q's alike).
-    Deviation (authors' code): they average over the 2K factors, half of R, so their γ is twice ours."""
+    in a few batched ops, not ~20 small ones per adapter (a GPU waits on their number): the P's of one
+    shape stacked, (K, d_out, r_max), and their K Gram matrices in one bmm, live rows and columns only
+    (the Q's alike). Deviation (authors' code): they average over the 2K factors, half of R, so their γ
+    is twice ours."""
     layers = adapters(model, required=True)
     # (merged, P and Q are out of the forward: a step of R alone would move ΔW away from the one in W)
     _need(not any(m.merged for m in layers.values()), "an adapter is merged: unmerge() it to train on")
-    groups = {}  # one group per factor kind, size and device
+    groups = {}  # one group per factor kind, shape and device
     for m in layers.values():
-        groups.setdefault(("P", m.P.shape[0], m.P.device), []).append(m)  # directions = columns
-        groups.setdefault(("Q", m.Q.shape[1], m.Q.device), []).append(m)  # directions = rows
+        groups.setdefault(("P", m.P.shape, m.P.device), []).append(m)  # directions = columns
+        groups.setdefault(("Q", m.Q.shape, m.Q.device), []).append(m)  # directions = rows
     total, device = 0.0, next(iter(layers.values())).P.device
     with torch.autocast(device.type, enabled=False):  # bf16 Gram matrices are too coarse
         for (kind, _, _), group in groups.items():
             # (_full: under FSDP2, outside the forward, P and Q are shards; gathered with their gradient)
-            stacked = torch.cat([_full(getattr(m, kind)) for m in group], dim=_RANK_DIM[kind]).float()
-            gram = stacked.T @ stacked if kind == "P" else stacked @ stacked.T  # (Σr_max, Σr_max)
-            owner, block, eye = _blocks(tuple(m.r_max for m in group), gram.device)
-            live = torch.cat([m.live for m in group]).float()  # (Σr_max,)
-            # per direction: its row of PᵢᵀPᵢ − I, live entries only (a dead slot gets zero gradient)
-            sq = ((gram - eye) * block * live * live[:, None]).square().sum(1)
-            per_factor = torch.zeros(len(group), device=gram.device).index_add(0, owner, sq)
+            stacked = torch.stack([_full(getattr(m, kind)) for m in group]).float()  # (K, d_out, r_max) | (K, r_max, d_in)
+            gram = stacked.mT @ stacked if kind == "P" else stacked @ stacked.mT  # PᵀP | QQᵀ: (K, r_max, r_max)
+            live = torch.stack([m.live for m in group]).float()  # (K, r_max)
+            eye = torch.eye(gram.shape[-1], device=gram.device)
+            # live entries only: a dead slot gets exactly zero gradient
+            sq = ((gram - eye) * (live[:, :, None] * live[:, None, :])).square().sum((1, 2))  # (K,)
             # ‖·‖_F = sqrt of the sum; clamp: a finite (zero) gradient at an exactly orthonormal factor
-            total = total + per_factor.clamp_min(torch.finfo(sq.dtype).tiny).sqrt().sum().to(device)
+            total = total + sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt().sum().to(device)
     return total / len(layers)
-
-
-@functools.lru_cache(maxsize=64)
-def _blocks(ranks: tuple, device: torch.device):
-    # for factors of r_max r_1 … r_n side by side: each slot's factor, the block mask, the identity
-    owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks)).to(device)
-    mask = (owner[:, None] == owner[None, :]).float()
-    return owner, mask, torch.eye(len(owner), device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -543,7 +535,18 @@ def save_adapter(model: nn.Module, path: str):
         tensors |= {f"{name}.{f}": t.contiguous() for f, t in zip(_RANK_DIM, layer.live_factors())}
     config = {n: {"r": m.r, "r_init": m.r_init, "alpha": m.alpha, "init": m.init, "r_max": m.r_max,
                   "slots": m.live.nonzero().squeeze(1).tolist()} for n, m in layers.items()}
-    save_file(tensors, path, metadata={"format": "flexlora", "adapters": json.dumps(config)})
+    # written beside the file, then renamed over it: a full disk never leaves half of one; a symlink
+    # keeps pointing at its (new) target, and an existing file keeps its permissions
+    path = os.path.realpath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata={"format": "flexlora", "adapters": json.dumps(config)})
+        if os.path.exists(path):
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_adapter(model: nn.Module, path: str):
@@ -556,6 +559,8 @@ def load_adapter(model: nn.Module, path: str):
     layers = adapters(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     _need(not os.path.isdir(path), f"{path} is a directory: pass the file that save_adapter() wrote")
+    _need(not any(p.is_meta for m in layers.values() for p in m.parameters()), "the model is on the meta "
+          "device (no storage to load into): model.to_empty(device=...) first, then load_adapter()")
     try:  # read all of it (metadata and tensors in one read), then check all of it
         with safe_open(path, "pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}

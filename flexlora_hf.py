@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import re
+import shutil
 
 import torch
 import torch.nn as nn
@@ -238,8 +239,17 @@ def export_peft(model: nn.Module, out_dir: str, **config_kwargs):
     for h in heads:  # the whole module, as PEFT's ModulesToSaveWrapper saves it
         for k, v in model.get_submodule(h).state_dict().items():
             tensors[f"base_model.model.{h}.{k}"] = v.detach().contiguous()
-    os.makedirs(out_dir, exist_ok=True)
-    config.save_pretrained(out_dir)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    # written into a fresh folder beside out_dir, then moved in: a failed write (a full disk) leaves
+    # an older export in out_dir whole, never a new config beside old weights
+    tmp = f"{os.path.normpath(out_dir)}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        config.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        os.makedirs(out_dir, exist_ok=True)
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return config

@@ -1363,3 +1363,25 @@ def test_merging_a_shared_weight_is_refused():
     with pytest.raises(ValueError, match="Untie it"):
         fl.unload(model)
     assert not model[0].merged
+
+
+def test_save_adapter_keeps_a_files_mode_and_a_symlink(tmp_path):
+    model = spectra_model()
+    target, link = tmp_path / "adapter.safetensors", tmp_path / "latest.safetensors"
+    fl.save_adapter(model, str(target))
+    target.chmod(0o644)
+    link.symlink_to(target)
+    fl.save_adapter(model, str(link))  # through the link: the target is rewritten, the link stays
+    assert link.is_symlink() and (target.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "latest.safetensors"]
+    fresh = spectra_model()
+    fl.load_adapter(fresh, str(link))
+    assert same(fresh.state_dict(), model.state_dict())
+
+
+def test_load_adapter_into_the_meta_device_says_to_materialize_first(tmp_path):
+    fl.save_adapter(spectra_model(), str(tmp_path / "a.safetensors"))
+    with torch.device("meta"):
+        model = spectra_model()
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        fl.load_adapter(model, str(tmp_path / "a.safetensors"))

@@ -488,3 +488,22 @@ def test_trainer_resume_into_another_alpha_is_refused(tmp_path):
     tr = trainer(other, tmp_path / "run", [FlexLoRACallback(other, gamma=GAMMA, **ALLOC)], save_steps=4)
     with pytest.raises(ValueError, match=r"\[r_init, alpha, init\] \[3, 6.0, 'gaussian'\], the model's \[3, 12.0"):
         tr.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+
+
+def test_export_peft_over_an_older_export_that_cannot_be_written_leaves_it_whole(tmp_path, monkeypatch):
+    import flexlora_hf
+    model = bert_for_trainer()
+    export_peft(model, tmp_path / "adapter")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "adapter").iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(flexlora_hf, "save_file", full_disk, raising=False)
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with torch.no_grad():
+        next(iter(fl.adapters(model).values())).Lambda.add_(1.0)
+    with pytest.raises(OSError):
+        export_peft(model, tmp_path / "adapter")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "adapter").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folder left

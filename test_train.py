@@ -50,6 +50,7 @@ def test_glue_smoke_end_to_end_and_reload(tmp_path):
     total = sum(ranks["initial"].values())
     assert all(sum(h["ranks"].values()) == total for h in ranks["history"])
     assert ranks["final"] != ranks["initial"]
+    assert metrics["config"]["target_modules"] == ",".join(train_glue.TARGETS[0])  # what was adapted
 
     # reload: a fresh tiny model (same seed, same base weights), injected, then load_adapter
     args = train_glue.get_args(GLUE_TINY)
@@ -569,3 +570,8 @@ def test_orthonormal_init_and_gamma_warmup(tmp_path):
     ramp = train_glue.main(GLUE_TINY + ["--gamma_warmup", "1000", "--gamma", "50", "--output_dir", str(tmp_path / "a")])
     full = train_glue.main(GLUE_TINY + ["--gamma", "50", "--output_dir", str(tmp_path / "b")])
     assert ramp["evals"] != full["evals"] or ramp["final"] != full["final"]
+
+
+def test_the_lora_baseline_has_no_allocation_window_to_note(tmp_path, capsys):
+    train_glue.main(GLUE_TINY + ["--method", "lora", "--t_w", "1000", "--output_dir", str(tmp_path / "lora")])
+    assert "allocation window" not in capsys.readouterr().out

@@ -836,11 +836,13 @@ def build(args, model, targets, trainable, T, device):
     from transformers import get_linear_schedule_with_warmup
 
     with user_errors():  # flexlora's checks of r, alpha, the window; a checkpoint that does not fit
-        fit_window(args, T)
+        if args.method != "lora":  # (LoRA's rank never moves: no window)
+            fit_window(args, T)
         if args.method == "flexlora":
             fit_delta(args, T)
         model.to(device)
         method, counts = setup_method(model, args, targets, trainable, T)
+        args.target_modules = args.target_modules or ",".join(targets)  # what was adapted, for metrics.json
         state = load_checkpoint(args, method) if args.resume else {}
         optimizer = build_optimizer(method.net, args)
         scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)

@@ -404,7 +404,7 @@ class RankAllocator:
         self.history, self.last_step = [], 0  # last_step: the t of the last step() call; t must grow
 
     def spectra(self) -> dict:
-        """{module name: each live direction's size, in slot order, a float32 CPU tensor}, with three device-to-host
+        """{module name: each live direction's size, in slot order, a float32 CPU tensor}, with few device-to-host
         copies: λ (paper §3, the singular values as R keeps P, Q near-orthonormal). Deviation (ours), init="lora":
         P starts at 0 and carries the size while λ stays near 1, so |λ_i|·‖p_i‖·‖q_i‖, the i-th term of ΔW / s."""
         def size(m):
@@ -414,10 +414,12 @@ class RankAllocator:
         live = torch.cat([m.live for m in self.layers.values()]).cpu()
         slots = dict(zip(self.layers, live.split([m.r_max for m in self.layers.values()])))
         lams = {n: lam[slots[n]] for n, lam in zip(self.layers, flat.split([m.r_max for m in self.layers.values()]))}
-        finite = torch.stack([torch.stack([torch.isfinite(_full(getattr(m, f))).all() for f in _RANK_DIM]).all()
-                              for m in self.layers.values()]).cpu()  # (one more device-to-host copy)
-        bad = [n for n, ok in zip(self.layers, finite.tolist()) if not ok]
-        _need(not bad, f"non-finite P, λ or Q in {bad[:3]}: training diverged; lower the learning rate")
+        factors = [_full(getattr(m, f)) for m in self.layers.values() for f in ("P", "Q")]
+        bad = [n for n, lam in lams.items() if not torch.isfinite(lam).all()]
+        if not torch.isfinite(torch.nn.utils.get_total_norm(factors)):  # one norm over all P, Q: any NaN shows
+            bad += [n for n, m in self.layers.items() if not all(torch.isfinite(_full(getattr(m, f))).all()
+                                                                 for f in ("P", "Q"))]
+        _need(not bad, f"non-finite P, λ or Q in {sorted(set(bad))[:3]}: training diverged; lower the learning rate")
         return lams
 
     def scores(self, lams: dict) -> dict:

@@ -2,8 +2,10 @@
 
 ΔW = P Λ Q is kept in SVD form (P, Λ, Q are lora_B, lora_E, lora_A in AdaLoRA and PEFT). Every few
 steps, under a cubic budget schedule, a spectral-entropy score per matrix decides which matrices lose
-their weakest direction and which gain one, at λ = 0, so the output does not move. Departures from the
-paper or the authors' code are marked "Deviation"; every function checks its arguments before it acts.
+their weakest direction and which gain one, at λ = 0, so the output does not move. Each adapter
+holds a fixed number of slots and a live mask, so an allocation rewrites values in place and never a
+shape: DDP, FSDP2, accelerate and torch.compile keep working. Departures from the paper or the
+authors' code are marked "Deviation"; every function checks its arguments before it acts.
 
 1) FlexLoRA: Entropy-Guided Flexible Low-Rank Adaptation, Liu, Si, Jia, ICLR 2026,
    https://arxiv.org/abs/2601.22905 (not the federated "FlexLoRA" of Bai et al., 2024)

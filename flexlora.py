@@ -107,9 +107,10 @@ class FlexLoRALinear(nn.Module):
         if self.merged:
             return y  # ΔW already sits in base.weight
         h = F.linear(self.dropout(x), self.Q)  # (..., d_in) x (d_in, r_max) -> (..., r_max)
-        # fold s · λ ⊙ m into P first: (r_max,) and (d_out, r_max) products are cheaper than (..., r_max) ones.
-        # (Not torch.add(..., alpha=s): torch 2.13's inductor drops the alpha, forward and backward.)
-        return y + F.linear(h, self.P * (self.scaling * self.Lambda * self.live))  # (..., r_max) -> (..., d_out)
+        W = self.P * (self.Lambda * self.live)  # P diag(λ ⊙ m): (d_out, r_max), cheaper than a (..., r_max) product
+        # y + s · h Wᵀ in one op: (N, r_max) x (r_max, d_out) -> (N, d_out), N = the flattened batch.
+        # (Not torch.add(y, z, alpha=s): torch 2.13's inductor drops that alpha, forward and backward.)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), W.T, alpha=self.scaling).view(y.shape)
 
     @torch.no_grad()
     def merge(self):

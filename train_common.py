@@ -391,7 +391,7 @@ def fit_delta(args, total_steps):
 # (an allocation rewrites slots in place), so DDP's all-reduce of the gradients holds across every
 # allocation. Every rank then takes the same optimizer step and the same allocation (RankAllocator
 # draws new directions from its own seeded generator, and checks that the processes' live slots
-# agree; AdaLoRA scores the all-reduced gradients). broadcast_buffers=False: a live mask that differed
+# agree; AdaLoRA scores the all-reduced gradients). forward_sync_buffers=False: a live mask that differed
 # between processes would be a bug to see, not one for rank 0's copy to paper over.
 #
 # --batch_size is the global batch: at each step the N ranks split the same seeded batch, so N

@@ -18,7 +18,6 @@ import math
 import numbers
 import os
 import re
-import shutil
 import warnings
 
 import torch
@@ -547,7 +546,7 @@ def save_adapter(model: nn.Module, path: str):
     try:
         save_file(tensors, tmp, metadata={"format": "flexlora", "adapters": json.dumps(config)})
         if os.path.exists(path):
-            shutil.copymode(path, tmp)
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # the old file's permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

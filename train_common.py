@@ -901,10 +901,10 @@ class Divergence:
             self.fail(f"the trained weights are non-finite at step {t}")
 
 
-def step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence):
+def step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence, device):
     """One optimizer step t on this rank's part of the global batch (share: its fraction of the
     examples), then the allocation. Returns (the task loss · share, R or None), detached."""
-    with autocast(args, next(method.net.parameters()).device):
+    with autocast(args, device):
         loss = ddp(**batch).loss  # task loss (+ AdaLoRA's penalty, added by PEFT)
     task = loss.detach() * share
     loss = loss * (share * world())  # DDP averages over ranks: the global batch's mean
@@ -982,7 +982,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         n = min(args.batch_size, len(train_set) - i * args.batch_size)  # examples in the global batch
         share = (n // world() + (rank() < n % world())) / n  # this rank's part of them (1 on one process)
         t = s + 1  # optimizer steps taken, after this one
-        task, orth = step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence)
+        task, orth = step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence, device)
         loss_sum += task
         orth_sum += 0.0 if orth is None else orth
         n_logged += 1

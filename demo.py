@@ -15,7 +15,6 @@ import time
 
 import torch
 import torch.nn as nn
-from scipy.stats import spearmanr
 
 import flexlora as fl
 
@@ -56,14 +55,19 @@ def make_problem(planted, d=32, seed=0):
 
 
 def train(planted, r0=3, steps=3000, b0=2, t_warmup=200, t_final=600, interval=20, lr=1e-2,
-          gamma=0.1, batch=128, d=32, seed=0, log_every=0, r_max=16):
-    """Train the student; returns (student, allocator, list of losses)."""
+          gamma=0.1, batch=128, d=32, seed=0, log_every=0, r_max=16, rule="paper"):
+    """Train the student; returns (student, allocator, list of losses). rule: "paper" (the
+    entropy score, flexlora.RankAllocator) or "gain" (flexlora_gain.GainAllocator)."""
     torch.manual_seed(seed)
     teacher, student = make_problem(planted, d, seed)
     fl.inject(student, r"mats\.\d+", r=r0, alpha=r0, r_max=r_max)  # the slots: room to grow to r_max
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.0)
-    alloc = fl.RankAllocator(student, b0, t_warmup, t_final, steps, interval, seed=seed)
+    if rule == "gain":
+        from flexlora_gain import GainAllocator as Allocator
+    else:
+        Allocator = fl.RankAllocator
+    alloc = Allocator(student, b0, t_warmup, t_final, steps, interval, seed=seed)
     losses = []
     for t in range(1, steps + 1):
         x = torch.randn(batch, d)
@@ -83,21 +87,34 @@ def train(planted, r0=3, steps=3000, b0=2, t_warmup=200, t_final=600, interval=2
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--planted", type=int, nargs="+", default=[0, 0, 1, 1, 2, 2, 4, 4, 8, 8])
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass  # --help: the docstring as written, and every flag's default
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--planted", type=int, nargs="+", default=[0, 0, 1, 1, 2, 2, 4, 4, 8, 8],
+                    help="the rank of each teacher update ΔW_k: one matrix per number")
     ap.add_argument("--r0", type=int, default=3, help="initial rank of every adapter")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--b0", type=int, default=2)
-    ap.add_argument("--interval", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--r_max", type=int, default=16, help="slots per adapter: the most rank a matrix can reach")
-    args = ap.parse_args()
+    ap.add_argument("--steps", type=int, default=3000, help="steps of 128 random inputs")
+    ap.add_argument("--b0", type=int, default=2, help="matrices changed at the first allocation")
+    ap.add_argument("--interval", type=int, default=20, help="Δ: steps between allocations")
+    ap.add_argument("--seed", type=int, default=0, help="the problem, inputs, new directions")
+    ap.add_argument("--r_max", type=int, default=16,
+                    help="slots per adapter: the most rank a matrix can reach")
+    ap.add_argument("--rule", default="paper", choices=["paper", "gain"],
+                    help="which matrices move: the paper's entropy score, or flexlora_gain.py's priced moves")
+    return ap.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = get_args()
+    from scipy.stats import spearmanr
 
     t0 = time.time()
     student, alloc, losses = train(args.planted, r0=args.r0, steps=args.steps, b0=args.b0,
                                    interval=args.interval, seed=args.seed, log_every=args.steps // 15,
-                                   r_max=args.r_max)
+                                   r_max=args.r_max, rule=args.rule)
     final = list(fl.rank_pattern(student).values())
     c = fl.churn(alloc.history)
     print(f"\nplanted ranks   {args.planted}  (total {sum(args.planted)})")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import demo
 import flexlora
 import train_common as common
 import train_glue
@@ -308,3 +309,222 @@ def test_default_folders_of_runs_started_in_one_second_differ(monkeypatch, tmp_p
     folders = {common.prepare_output_dir(train_glue.get_args(["--smoke"]), "glue-cola").output_dir
                for _ in range(3)}
     assert len(folders) == 3
+
+
+# -----------------------------------------------------------------------------
+# Issue 23, the rest: one run per folder, nothing deleted before the data is read, a full disk,
+# a run that wrote nothing, Ctrl-C while loading
+
+
+def other_run_holds(path):
+    """The lock another run holds on its --output_dir while it writes there (an open descriptor)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_one_run_at_a_time_in_an_output_dir(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    part = stopped_run(tmp_path)
+    state = (tmp_path / "part" / "checkpoint" / "state.pt").read_bytes()
+    fd = other_run_holds(part)
+    try:  # was: both ran, the last writer won
+        for argv in (GLUE_TINY + ["--output_dir", part, "--overwrite"], ["--resume", part]):
+            assert "another run is writing there" in user_error(train_glue.main, argv, capsys)
+        assert (tmp_path / "part" / "checkpoint" / "state.pt").read_bytes() == state
+    finally:
+        os.close(fd)
+    # two runs started at once into a new folder: the other one creates it while this one loads
+    new, load, fds = str(tmp_path / "new"), train_glue.load_data, []
+
+    def the_other_run_starts_meanwhile(args):
+        os.makedirs(new)
+        fds.append(other_run_holds(new))
+        return load(args)
+
+    monkeypatch.setattr(train_glue, "load_data", the_other_run_starts_meanwhile)
+    try:
+        msg = user_error(train_glue.main, GLUE_TINY + ["--output_dir", new], capsys)
+        assert msg.startswith(f"--output_dir {new}: another run is writing there") and os.path.isdir(new)
+    finally:
+        os.close(fds[0])
+    monkeypatch.setattr(train_glue, "load_data", load)
+    # a run killed while it held the lock: the kernel let go of it, --resume continues
+    hold = "import fcntl, os, sys, time; fcntl.flock(os.open(sys.argv[1], os.O_RDONLY), fcntl.LOCK_EX); " \
+           "print('held', flush=True); time.sleep(60)"
+    other = subprocess.Popen([sys.executable, "-c", hold, part], stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline() == "held\n"
+    other.kill()
+    other.wait()
+    assert train_glue.main(["--resume", part])["final"]
+    common.lock_output_dir(part)  # and this process let go of it at the end of its run
+    common.release_output_dir()
+
+
+def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    # diverged before its first checkpoint; Ctrl-C before it: the empty folder it made is removed
+    out = str(tmp_path / "diverged")
+    msg = user_error(train_glue.main, GLUE_TINY + ["--lr", "1000", "--log_every", "100",
+                                                   "--output_dir", out], capsys, code=1)
+    assert "no checkpoint had been written" in msg and not os.path.exists(out)
+    monkeypatch.setattr(common, "save_checkpoint", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "early"
+    msg = user_error(train_glue.main, GLUE_TINY + ["--output_dir", str(out)], capsys, code=130)
+    assert "no checkpoint yet" in msg and not out.exists()
+    os.makedirs(out)  # a folder that was there before the run stays, even empty
+    user_error(train_glue.main, GLUE_TINY + ["--output_dir", str(out)], capsys, code=130)
+    assert out.is_dir() and not os.listdir(out)
+
+
+@pytest.mark.parametrize("where", ["load_data", "load_model"])
+def test_ctrl_c_while_an_overwrite_run_loads(tmp_path, capsys, monkeypatch, where):
+    out = tmp_path / "run"
+    fake_run(out)
+    before = sorted(os.listdir(out))
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_glue, where, interrupted)  # was a raw KeyboardInterrupt traceback
+    msg = user_error(train_glue.main, GLUE_TINY + ["--output_dir", str(out), "--overwrite"], capsys, code=130)
+    assert msg == f"interrupted before the run started: --output_dir {out} is as it was"
+    assert sorted(os.listdir(out)) == before
+
+
+def test_overwrite_reads_every_image_before_it_deletes(tmp_path, capsys):
+    from PIL import Image
+
+    for c, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        os.makedirs(tmp_path / "imgs" / c)
+        for i in range(5):
+            Image.new("RGB", (8, 8), colour).save(tmp_path / "imgs" / c / f"{i}.png")
+    bad = tmp_path / "imgs" / "dog" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated: was found in training, the old run gone
+    out = tmp_path / "run"
+    fake_run(out)
+    before = sorted(os.listdir(out))
+    msg = user_error(train_vit.main, VIT_TINY + ["--data", str(tmp_path / "imgs"), "--batch_size", "4",
+                                                 "--output_dir", str(out), "--overwrite"], capsys)
+    assert f"{bad} is not a readable image" in msg
+    assert sorted(os.listdir(out)) == before and (out / "metrics.json").read_text() == "old"
+
+
+@pytest.mark.parametrize("failing", ["metrics.json", "adapter.safetensors"])
+def test_a_full_disk_at_the_end_keeps_the_checkpoint(tmp_path, capsys, monkeypatch, failing):
+    from safetensors import SafetensorError
+
+    out = str(tmp_path / "run")
+    path = os.path.join(out, failing)
+    write_json, save_adapter = common.write_json, flexlora.save_adapter
+
+    def full_json(p, obj):
+        if p == path:
+            raise OSError(28, "No space left on device")
+        write_json(p, obj)
+
+    def full_adapter(model, p):
+        if p == path:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        save_adapter(model, p)
+
+    monkeypatch.setattr(common, "write_json", full_json)  # was a raw OSError / SafetensorError
+    monkeypatch.setattr(flexlora, "save_adapter", full_adapter)
+    msg = user_error(train_glue.main, GLUE_TINY + ["--output_dir", out], capsys, code=1)
+    what = path if failing == "metrics.json" else f"the adapter in {out}"
+    assert msg.startswith(f"could not write {what} (") and "No space left on device" in msg
+    assert msg.endswith(f"make room, then --resume {out} writes the outputs from its last checkpoint")
+    assert "metrics.json" not in os.listdir(out) and os.path.isdir(os.path.join(out, "checkpoint"))
+    monkeypatch.undo()
+    assert train_glue.main(["--resume", out])["final"] and os.path.isfile(path)
+
+
+def test_a_collapsed_run_and_a_single_allocation_are_warned_at_the_end(tmp_path, capsys):
+    # was: MCC 0.0 and one planned allocation, without a word (planned_allocations in metrics.json)
+    out = str(tmp_path / "run")
+    m = train_glue.main(GLUE_TINY + ["--lr", "1e-6", "--delta", "2", "--output_dir", out])
+    collapsed, single = m["warnings"]
+    assert "all 32 examples predicted as class" in collapsed and m["final"]["mcc"] == 0.0
+    assert single.startswith("FlexLoRA's schedule planned a single rank allocation in these 16 steps")
+    assert capsys.readouterr().out.splitlines()[-2:] == [f"warning: {collapsed}", f"warning: {single}"]
+    assert read(out, "metrics.json")["warnings"] == m["warnings"]
+
+
+# -----------------------------------------------------------------------------
+# What a newcomer trips on: a slow --help, its defaults, warnings at the end
+
+
+def test_help_and_command_line_errors_import_no_hub_library():
+    # --help and a bad flag took 8-29 s: peft and transformers were imported before the flags were read
+    import subprocess
+    import sys
+
+    code = """if True:
+        import runpy, sys
+        for script, argv in (("train_glue", ["--help"]), ("train_glue", ["--smoke", "--r", "0"]),
+                             ("train_vit", ["--help"]), ("train_vit", ["--smoke", "--batch_size", "0"]),
+                             ("demo", ["--help"])):
+            sys.argv = [script + ".py"] + argv
+            try:
+                runpy.run_path(script + ".py", run_name="__main__")
+            except SystemExit as e:
+                print("exit", e.code)
+        heavy = {"transformers", "peft", "datasets", "sklearn", "scipy", "flexlora_hf"}
+        print("imported", sorted(heavy & {m.split(".")[0] for m in sys.modules}))"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=here, timeout=120)
+    lines = [l for l in run.stdout.splitlines() if l.startswith(("exit", "imported"))]
+    assert lines == ["exit 0", "exit 2", "exit 0", "exit 2", "exit 0", "imported []"], run.stdout + run.stderr
+
+
+def test_help_shows_each_default_once_and_says_what_it_follows(capsys):
+    def help_of(get_args, *argv):
+        with pytest.raises(SystemExit) as e:
+            get_args([*argv, "--help"])
+        assert e.value.code == 0
+        return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+    glue = help_of(train_glue.get_args, "--task", "rte")
+    assert "(default: None)" not in glue and "(default: the Hub) (default" not in glue  # was doubled
+    assert "peak learning rate of AdamW (default: 0.0012)" in glue and "those of --task rte:" in glue
+    vit = help_of(train_vit.get_args)
+    assert "(default: None)" not in vit and "shows the smoke run's" in vit
+    assert "warm-up steps before the first allocation (default: 10% of the run's steps)" in vit
+    assert "(default: 50% of the run's steps)" in vit and "between allocations (default: 10 steps)" in vit
+    assert "before the first allocation (default: 8)" in help_of(train_vit.get_args, "--smoke")
+    assert help_of(demo.get_args).count(" (default: ") == 8  # every flag: what it does, its default
+
+
+def test_vit_window_flags_default_one_by_one():
+    # was: --t_f alone replaced by 50% of the run, --t_w alone a TypeError
+    args = argparse.Namespace(t_w=None, t_f=100, delta=None)
+    train_vit.default_window(args, 1000)
+    assert (args.t_w, args.t_f, args.delta) == (100, 100, 10)
+    args = argparse.Namespace(t_w=7, t_f=None, delta=3)
+    train_vit.default_window(args, 1000)
+    assert (args.t_w, args.t_f, args.delta) == (7, 500, 3)
+
+
+@pytest.mark.parametrize("after", [0.5, 2.0])  # (torch loading; then the script's own loading)
+def test_ctrl_c_in_the_first_seconds_is_one_line(tmp_path, after):
+    # was: a KeyboardInterrupt traceback, or an abort in torch's C++ ("terminate called ...")
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    fake_run(out)
+    before = sorted(os.listdir(out))
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.Popen([sys.executable, "train_glue.py", *GLUE_TINY, "--output_dir", str(out), "--overwrite"],
+                           cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    time.sleep(after)
+    run.send_signal(signal.SIGINT)
+    err = run.communicate(timeout=60)[1]
+    assert run.returncode == 130 and "Traceback" not in err and "terminate" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert sorted(os.listdir(out)) == before

@@ -715,7 +715,7 @@ def golden_run(init, r_max=None):
     fl.inject(student, r"mats\.\d+", r=3, alpha=3, init=init, **({} if r_max is None else dict(r_max=r_max)))
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
     alloc = fl.RankAllocator(student, b0=2, t_warmup=10, t_final=20, total_steps=150, interval=4, seed=0,
-                             schedule="constant")
+                             schedule="constant", warm_start=False)  # the resizing adapter's Adam
     losses, decisions = [], []
     for t in range(1, 151):
         x = torch.randn(64, 16)
@@ -1385,3 +1385,70 @@ def test_load_adapter_into_the_meta_device_says_to_materialize_first(tmp_path):
         model = spectra_model()
     with pytest.raises(ValueError, match="meta device.*to_empty"):
         fl.load_adapter(model, str(tmp_path / "a.safetensors"))
+
+
+# -----------------------------------------------------------------------------
+# the optimizer warm start of a reborn slot (_own_count)
+
+
+def reborn_slot_run(opt_class, warm_start=True, **opt_kw):
+    """Train 2 adapters 100 steps; at step 60 mats.1 gains a direction (its slot 3). A fresh
+    optimizer, given the same gradients, steps a copy of that slot alone. Returns both trajectories."""
+    class Fixed(fl.RankAllocator):  # mats.0 always gives, mats.1 always takes
+        def scores(self, lams):
+            return {n: float(n == "mats.1") for n in lams}
+    torch.manual_seed(0)
+    model = Matrices(2, 8)
+    fl.inject(model, r"mats\.\d+", r=3, alpha=3, r_max=4)
+    layer = model.mats[1]
+    opt = opt_class([p for p in model.parameters() if p.requires_grad], lr=1e-2, **opt_kw)
+    # one allocation: the window (30, 61] holds only t = 60
+    alloc = Fixed(model, b0=1, t_warmup=30, t_final=39, total_steps=100, interval=30,
+                  schedule="constant", warm_start=warm_start)
+    x, y = torch.randn(64, 8), torch.randn(64, 2, 8)
+    ref = ref_opt = None
+    ours, theirs = [], []
+    for t in range(1, 101):
+        ((model(x) - y) ** 2).mean().backward()
+        if ref is not None:  # the fresh optimizer: the slot's own gradient
+            for r, p, d in zip(ref, (layer.P, layer.Lambda, layer.Q), (1, 0, 0)):
+                r.grad = p.grad.select(d, 3).clone()
+            ref_opt.step()
+        opt.step()
+        rec = alloc.step(t, opt)
+        opt.zero_grad()
+        if rec:
+            assert rec["added"] == {"mats.1": 3}
+            ref = [p.detach().select(d, 3).clone().requires_grad_()
+                   for p, d in zip((layer.P, layer.Lambda, layer.Q), (1, 0, 0))]
+            ref_opt = opt_class(ref, lr=1e-2, **opt_kw)
+        elif ref is not None:
+            ours.append(torch.cat([layer.P[:, 3], layer.Lambda[3:4], layer.Q[3]]).detach().clone())
+            theirs.append(torch.cat([r.detach().reshape(-1) for r in ref]))
+    return torch.stack(ours), torch.stack(theirs)
+
+
+@pytest.mark.parametrize("opt_class,kw", [(torch.optim.Adam, {}), (torch.optim.AdamW, dict(weight_decay=0.1)),
+                                          (torch.optim.Adam, dict(weight_decay=0.01, amsgrad=True))])
+def test_a_reborn_slot_steps_as_a_fresh_optimizer_on_it_alone(opt_class, kw):
+    ours, theirs = reborn_slot_run(opt_class, **kw)
+    assert len(ours) == 40 and (ours[-1] - ours[0]).abs().max() > 1e-2  # it moved
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    # with the tensor's own step count (warm_start=False: the earlier behaviour) it does not
+    ours, theirs = reborn_slot_run(opt_class, warm_start=False, **kw)
+    assert not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+
+
+def test_sgd_needs_no_count_and_the_birth_steps_are_saved():
+    ours, theirs = reborn_slot_run(torch.optim.SGD, momentum=0.9)  # momentum restarts at 0: fresh as is
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    model = matrices(n=4)
+    alloc = allocator(model)
+    alloc.step(1)
+    state = alloc.state_dict()
+    assert state["born"][alloc.history[0]["expanded"][0]][3] == 1  # slot 3, born at t = 1
+    again = allocator(copy.deepcopy(model))
+    again.load_state_dict(state)
+    assert again.born == alloc.born
+    with pytest.raises(ValueError, match="warm_start must be True or False"):
+        allocator(matrices(), warm_start="yes")

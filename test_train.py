@@ -133,6 +133,18 @@ def test_resume_gives_the_same_run(tmp_path, init):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+def test_the_first_log_line_after_a_resume_is_the_uninterrupted_runs(tmp_path, capsys):
+    # log lines at steps 8 and 16; stopped at 9: the line at 16 averages steps 9-16 in both runs
+    # (was: 10-16 after the resume)
+    step16 = lambda out: [l for l in out.splitlines() if l.startswith("step 16 |")][0].split(" | ")[:3]
+    train_glue.main(GLUE_TINY + ["--output_dir", str(tmp_path / "full")])
+    full = step16(capsys.readouterr().out)
+    part = str(tmp_path / "part")
+    train_glue.main(GLUE_TINY + ["--output_dir", part, "--stop_after", "9"])
+    train_glue.main(["--resume", part])
+    assert step16(capsys.readouterr().out) == full  # step, loss and orth
+
+
 def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, capsys):
     save, calls = common.save_checkpoint, []
 
@@ -525,6 +537,32 @@ def test_lambda_trains_at_its_ratio_of_the_learning_rate():
     assert lam_lr == [pytest.approx(lr)] and groups == {(lr, 0.1): 4, (lr, 0.0): 3}
 
 
+def test_adalora_factors_train_at_the_lr_ratios():
+    # AdaLoRA's E, A, B (its λ, Q, P) take --lambda_lr_ratio and --pq_lr_ratio as FlexLoRA's do (they were
+    # ignored: every factor at one lr); the defaults stay PEFT's and the paper's one lr
+    def lrs(*flags):
+        torch.manual_seed(0)
+        args = train_glue.get_args(GLUE_TINY + ["--method", "adalora", *flags])
+        m, _ = common.setup_method(train_glue.smoke_model("cola", 40), args, train_glue.TARGETS[0],
+                                   ["classifier", "pooler"], 16)
+        groups = common.build_optimizer(m.net, args).param_groups
+        by = {}
+        for n, p in m.net.named_parameters():
+            if p.requires_grad:
+                kind = next((k for k in ("lora_E", "lora_A", "lora_B") if f".{k}." in n), "head")
+                by.setdefault(kind, set()).update(g["lr"] for g in groups if any(q is p for q in g["params"]))
+        return by, args.lr
+
+    by, lr = lrs("--lambda_lr_ratio", "16", "--pq_lr_ratio", "3")
+    assert by == {"lora_E": {16 * lr}, "lora_A": {3 * lr}, "lora_B": {3 * lr}, "head": {lr}}
+    by, lr = lrs()
+    assert by == {"lora_E": {lr}, "lora_A": {lr}, "lora_B": {lr}, "head": {lr}}
+    # LoRA has no λ: its A and B stay at the lr whatever the ratios
+    args = train_glue.get_args(GLUE_TINY + ["--method", "lora", "--lambda_lr_ratio", "16", "--pq_lr_ratio", "3"])
+    m, _ = common.setup_method(train_glue.smoke_model("cola", 40), args, train_glue.TARGETS[0], ["classifier"], 16)
+    assert {g["lr"] for g in common.build_optimizer(m.net, args).param_groups} == {args.lr}
+
+
 def test_holdout_is_kept_out_of_training_and_scored(tmp_path):
     out = str(tmp_path / "glue")
     metrics = train_glue.main(GLUE_TINY + ["--holdout", "32", "--output_dir", out])
@@ -575,3 +613,48 @@ def test_orthonormal_init_and_gamma_warmup(tmp_path):
 def test_the_lora_baseline_has_no_allocation_window_to_note(tmp_path, capsys):
     train_glue.main(GLUE_TINY + ["--method", "lora", "--t_w", "1000", "--output_dir", str(tmp_path / "lora")])
     assert "allocation window" not in capsys.readouterr().out
+
+
+def test_rank_plots_show_every_module_type_and_integer_ranks():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from bench import plots
+
+    # 2 layers x 6 module types; q = k = v and fc1 = fc2 in total at every step: was 3 lines hidden
+    types = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc1", "mlp.fc2"]
+    initial = {f"enc.layer.{l}.{ty}": 12 for l in (0, 1) for ty in types}
+    final = dict(initial, **{"enc.layer.0.attn.o": 11, "enc.layer.1.attn.o": 11,
+                             "enc.layer.0.mlp.fc1": 13, "enc.layer.0.mlp.fc2": 13})
+    history = [dict(step=50, ranks=final)]
+    fig = plots.history_figure(final, initial, history, 100, "flexlora")
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["attn.q = attn.k = attn.v", "attn.o", "mlp.fc1 = mlp.fc2"]
+    fig = plots.ranks_figure(final, "flexlora")
+    ticks = fig.axes[1].get_yticks()  # the colour bar's
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)  # was 11.25, 11.5, ...
+
+
+def test_a_new_head_is_one_line_not_transformers_table(tmp_path, capfd):
+    # the ViT stand-in (10 labels) on 100 classes printed transformers' MISMATCH table
+    from transformers import BertConfig, BertModel, ViTConfig, ViTForImageClassification
+
+    folder = str(tmp_path / "vit")
+    ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64, num_labels=10)
+                              ).save_pretrained(folder)
+    capfd.readouterr()
+    model = train_vit.load_model(train_vit.get_args(["--model", folder]), 100)
+    out, err = capfd.readouterr()
+    assert model.classifier.out_features == 100
+    assert "MISMATCH" not in out + err and "LOAD REPORT" not in out + err and "id2label" not in out + err
+    assert f"note: --model {folder}: a new task head (classifier: of another size than the checkpoint's)" in out
+    # a base model without a head (as deberta-v3-base): said the same way, no table either
+    folder = str(tmp_path / "bert")
+    BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    train_glue.smoke_tokenizer().save_pretrained(folder)
+    capfd.readouterr()
+    train_glue.load_model(train_glue.get_args(["--task", "rte", "--model", folder]))
+    out, err = capfd.readouterr()
+    assert "MISSING" not in out + err and "a new task head (classifier: not in the checkpoint)" in out

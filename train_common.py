@@ -14,6 +14,12 @@ A run directory (--output_dir) ends up holding:
 A mistake in the command line or in the files it names ends the run before it touches
 --output_dir, with one line `error: ...` on stderr and exit code 2, as argparse does (die).
 A run whose loss turns non-finite stops with exit code 1, keeping its last good checkpoint.
+One run at a time writes in a folder: it holds an flock on --output_dir while it runs (the kernel
+drops it when the process ends, killed too), and a second run there stops at once. A run that
+ends before writing anything (an early Ctrl-C, a divergence before its first checkpoint) removes
+the folder it created; a folder that was there before stays. A full disk: one line, exit 1, the
+last checkpoint kept (--resume writes the outputs from it). Warnings (predictions all one class,
+a single planned allocation) are printed at the end and kept in metrics.json.
 """
 
 import argparse
@@ -35,8 +41,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import flexlora
-import flexlora_hf
+import flexlora  # (flexlora_hf, transformers, peft: imported where used, for a quick --help)
 
 # -----------------------------------------------------------------------------
 # User errors: one line and exit code 2, never a stack trace
@@ -70,17 +75,29 @@ def user_errors():
 
 @contextmanager
 def resumable(args):
-    """Ctrl-C (KeyboardInterrupt) during a run: one line saying how to continue it, exit 130."""
+    """Around all of a run but its argument parsing (main: launch, loading, training, outputs).
+    Ctrl-C (KeyboardInterrupt): one line saying how to continue the run, exit 130. However the run
+    ends: its lock on --output_dir is let go, and an --output_dir it created and left empty (an
+    early Ctrl-C, a divergence before its first checkpoint) is removed."""
+    global STARTED, CREATED
+    STARTED = CREATED = False
     try:
         yield
     except KeyboardInterrupt:
-        if args.overwrite and not args.resume and not STARTED:  # the old run in it is still whole
-            die(f"interrupted before the run started: --output_dir {args.output_dir} is as it was", code=130)
+        if not STARTED:  # nothing written yet: an --overwrite'n or --resume'd run is still whole
+            kept = (f"--output_dir {args.output_dir} is as it was" if args.output_dir
+                    else "nothing was written")
+            die(f"interrupted before the run started: {kept}", code=130)
         ckpt = os.path.join(args.output_dir, "checkpoint")
         how = (f"continue from its last checkpoint with --resume {args.output_dir}"
                if os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old") else
                "it had written no checkpoint yet (--ckpt_every sets how often it does)")
         die(f"interrupted: {how}", code=130)
+    finally:
+        made = STARTED and CREATED and os.path.isdir(args.output_dir)  # (locked: no other run's)
+        if made and not os.listdir(args.output_dir):
+            os.rmdir(args.output_dir)
+        release_output_dir()
 
 
 # -----------------------------------------------------------------------------
@@ -88,7 +105,20 @@ def resumable(args):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass  # --help: the docstring as written, and every flag's default
+    """--help: the docstring as written, and every flag's default, unless it has none (None, False)
+    or its help says it in words already, "(default ...)"."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def explain_defaults(parser, **said):
+    """Add to the help of the flags named (dest=words) what their default, None, means."""
+    for action in parser._actions:
+        if action.dest in said:
+            action.help += f" (default: {said[action.dest]})".replace("%", "%%")  # (argparse's %)
 
 
 def add_common_args(parser):
@@ -105,6 +135,8 @@ def add_common_args(parser):
     g.add_argument("--t_w", type=int, help="warm-up steps before the first allocation")
     g.add_argument("--t_f", type=int, help="final steps without allocations")
     g.add_argument("--delta", type=int, help="Δ: steps between allocations")
+    g.add_argument("--rule", default="paper", choices=["paper", "gain"],
+                   help="which matrices move: the paper's entropy score, or flexlora_gain's priced moves")
     g.add_argument("--schedule", default="cubic", choices=["cubic", "constant"],
                    help="b(t): the paper's cubic decay, or constant b0 (the authors' released code)")
     g.add_argument("--r_min", type=int, default=1, help="no matrix is pruned below this rank")
@@ -123,9 +155,10 @@ def add_common_args(parser):
                         "λ = 0 (the paper; it trains fast with --lambda_lr_ratio 16 --pq_lr_ratio 3); "
                         "orthonormal: P, Q orthonormal at start, λ = 0")
     g.add_argument("--lambda_lr_ratio", type=float, default=1.0,
-                   help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups)")
+                   help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups); "
+                        "AdaLoRA: lora_E's (1: PEFT's; train_common.Peft.param_groups)")
     g.add_argument("--pq_lr_ratio", type=float, default=1.0,
-                   help="FlexLoRA: P's and Q's learning rate / --lr (1: the paper)")
+                   help="FlexLoRA: P's and Q's learning rate / --lr (1: the paper); AdaLoRA: lora_A's and lora_B's")
     g.add_argument("--lr_scale", type=float, default=1.0,
                    help="multiplies the peak learning rate (--lr or the task's default)")
     g.add_argument("--weight_decay", type=float, help="AdamW decay (not on biases and norms)")
@@ -212,6 +245,43 @@ def recover_checkpoint(out_dir):
 
 
 STARTED = False  # has start_run() touched --output_dir? (before it, Ctrl-C leaves an old run whole)
+CREATED = False  # and did it create the folder? (resumable() removes it if the run left it empty)
+LOCK = None  # (folder, file descriptor): the --output_dir this process holds the lock of
+
+
+def lock_output_dir(path):
+    """One run at a time in a folder: hold an exclusive flock on `path` (a folder) until the run
+    ends (resumable: release_output_dir), or die() if another run holds it. The kernel lets go of
+    a process's locks when it ends, killed too: a stale lock never blocks. (No fcntl: no lock.)"""
+    global LOCK
+    if LOCK is not None and LOCK[0] == os.path.realpath(path):
+        return
+    release_output_dir()
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder one may write in but not read: run without
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        die(f"--output_dir {path}: another run is writing there (it holds the folder's lock): "
+            f"wait for it to end, or pick another --output_dir")
+    except OSError:  # a file system without locks (some network ones): run without
+        os.close(fd)
+        return
+    LOCK = (os.path.realpath(path), fd)
+
+
+def release_output_dir():
+    global LOCK
+    if LOCK is not None:
+        os.close(LOCK[1])
+        LOCK = None
 
 
 def prepare_output_dir(args, name, check=check_args):
@@ -223,6 +293,7 @@ def prepare_output_dir(args, name, check=check_args):
     if args.resume:
         if not os.path.isdir(args.resume):
             die(f"--resume {args.resume}: no such directory")
+        lock_output_dir(args.resume)  # before anything is read or renamed there
         if os.path.exists(os.path.join(args.resume, "metrics.json")):
             die(f"--resume {args.resume}: that run has finished (metrics.json is there): nothing to continue; "
                 f"start a new run, or --overwrite it")
@@ -259,26 +330,36 @@ def prepare_output_dir(args, name, check=check_args):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         die(f"--output_dir {args.output_dir}: {parent} is {'not writable' if os.path.isdir(parent) else 'a file'}")
+    if os.path.isdir(args.output_dir):  # (a new folder is locked when start_run() creates it)
+        lock_output_dir(args.output_dir)
+    refuse_a_run_in(args)
+    return args
+
+
+def refuse_a_run_in(args):
     held = [f for f in RUN_FILES if os.path.lexists(os.path.join(args.output_dir, f))]
     if held and not args.overwrite:
         die(f"--output_dir {args.output_dir} already holds a run ({', '.join(held)}): pass --overwrite "
             f"to replace it, or --resume {args.output_dir} to continue it")
-    return args
 
 
 def start_run(args):
-    """Once the run has loaded without an error: create --output_dir, after clearing (--overwrite)
-    every file of the old run in it, so that nothing stale is mixed in. Other files stay."""
-    global STARTED
-    STARTED = True
+    """Once the run has loaded without an error: create and lock --output_dir, then clear
+    (--overwrite) every file of the old run in it, so that nothing stale is mixed in. Other files
+    stay."""
+    global STARTED, CREATED
+    created = not os.path.isdir(args.output_dir)
+    os.makedirs(args.output_dir, exist_ok=True)
+    lock_output_dir(args.output_dir)  # another run may have started there since prepare_output_dir
+    STARTED, CREATED = True, created
     if not args.resume:
+        refuse_a_run_in(args)  # (one that has written there since)
         for f in RUN_FILES:
             path = os.path.join(args.output_dir, f)
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             elif os.path.lexists(path):
                 os.remove(path)
-    os.makedirs(args.output_dir, exist_ok=True)
 
 
 # -----------------------------------------------------------------------------
@@ -324,22 +405,71 @@ def where(name):
     return os.path.abspath(name) if os.path.exists(name) else f"Hub: {name}"
 
 
-def from_pretrained(cls, name, flag="--model", **kwargs):
+def from_pretrained(cls, name, flag="--model", head=None, **kwargs):
     """cls.from_pretrained(name, ...), with one clear line when the path, the Hub or the checkpoint
-    is not what is needed."""
+    is not what is needed. head: the module names of a model's task head, new when fine-tuning: in
+    place of transformers' table of the weights it did not load, a line (report_loading)."""
     if not os.path.exists(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
         die(f"{flag} {name}: no such local directory (a local checkpoint is a folder with config.json "
             f"and the weights, e.g. written by save_pretrained)")
     if not os.path.exists(name):
         need_hub(f"{flag} {name}", f"Pass {flag} PATH to a local checkpoint, or --smoke for the built-in tiny model")
     try:
-        return cls.from_pretrained(name, **kwargs)
+        if head is None:
+            return cls.from_pretrained(name, **kwargs)
+        with quiet_load_report():
+            model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
     except Exception as e:  # OSError (missing files), ValueError (e.g. a ViT given to a text script), ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if os.path.exists(name):
             die(f"{flag} {name}: {cls.__name__} could not load this local folder ({first})")
         die(f"{flag} {name}: could not load this Hugging Face Hub model ({first}). Pass {flag} PATH to a local "
             f"checkpoint, or --smoke for the built-in tiny model")
+    report_loading(f"{flag} {name}", info, head)
+    return model
+
+
+@contextmanager
+def quiet_load_report():
+    """Without transformers' LOAD REPORT table and its note that num_labels differs from the
+    checkpoint's labels: report_loading() says what matters in a line."""
+    import logging
+
+    said = ("LOAD REPORT", "which is incompatible to the `id2label` map")
+    drop = lambda record: not any(s in record.getMessage() for s in said)
+    modules = ("modeling_utils", "configuration_utils")  # (where the two are logged)
+    loggers = [logging.getLogger(f"transformers.{m}") for m in modules]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+def report_loading(what, info, head):
+    """What from_pretrained's loading info says, a line each: a new task head (expected), other
+    weights initialised at random (not expected), weights of the checkpoint left unused."""
+    part_of = lambda key, module: key.startswith(module + ".") or f".{module}." in key
+    in_head = lambda key: any(part_of(key, h) for h in head)
+    reshaped = [key for key, _, _ in info["mismatched_keys"]]
+    fresh = sorted(set(info["missing_keys"]) | set(reshaped))
+    new = [h for h in head if any(part_of(k, h) for k in fresh)]
+    if new:
+        how = ("of another size than the checkpoint's" if any(in_head(k) for k in reshaped)
+               else "not in the checkpoint")
+        print(f"note: {what}: a new task head ({', '.join(new)}: {how}), initialised at random, "
+              f"as expected when fine-tuning")
+    others = [k for k in fresh if not in_head(k)]
+    if others:
+        more = ", ..." if len(others) > 3 else ""
+        print(f"warning: {what}: {len(others)} weights are not in the checkpoint or of another "
+              f"shape there, and start at random: {', '.join(others[:3])}{more}")
+    unused = sorted(info["unexpected_keys"])
+    if unused:
+        print(f"note: {what}: {len(unused)} weights of the checkpoint are not used by this model "
+              f"(e.g. {unused[0]}; a pre-training head, usually)")
 
 
 def fit_window(args, total_steps):
@@ -518,9 +648,12 @@ class FlexLoRA:
         flexlora.inject(model, targets, r=args.r, alpha=args.alpha, dropout=args.lora_dropout, trainable=trainable,
                         init="lora" if args.init == "lora" else "gaussian", r_max=args.r_max)
         self.net = model
-        self.allocator = flexlora.RankAllocator(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
-                                                total_steps=total_steps, interval=args.delta, r_min=args.r_min,
-                                                r_max=args.r_max, seed=args.seed, schedule=args.schedule)
+        rule = flexlora.RankAllocator
+        if getattr(args, "rule", "paper") == "gain":  # (older checkpoints' args have no --rule)
+            from flexlora_gain import GainAllocator as rule
+        self.allocator = rule(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f, total_steps=total_steps,
+                              interval=args.delta, r_min=args.r_min, r_max=args.r_max, seed=args.seed,
+                              schedule=args.schedule)
         if args.init == "orthonormal":  # P, Q start orthonormal, R's minimum (paper: N(0, σ²))
             gen = torch.Generator().manual_seed(args.seed)
             with torch.no_grad():
@@ -563,6 +696,8 @@ class FlexLoRA:
         flexlora.load_adapter(self.net, path)  # into the same slots, before the optimizer is built
 
     def save(self, out_dir):
+        import flexlora_hf
+
         flexlora.save_adapter(self.net, os.path.join(out_dir, "adapter.safetensors"))
         # the same adapter as a PEFT LoRA one (exact: lora_A = Q, lora_B = P diag(λ), per-module ranks)
         task = "SEQ_CLS" if type(self.net).__name__.endswith("ForSequenceClassification") else None
@@ -602,10 +737,27 @@ class Peft:
                                         orth_reg_weight=2 * args.gamma)  # PEFT's R: a mean over 2K factors
             counts.update(init_r=args.r, target_r=target_r)
             print(f"adalora (PEFT): {counts['matrices']} matrices, init_r {args.r} -> target_r {target_r}, "
-                  f"alpha {args.alpha:g}, tinit {args.t_w}, tfinal {args.t_f}, deltaT {args.delta}, γ {args.gamma:g}")
+                  f"alpha {args.alpha:g}, tinit {args.t_w}, tfinal {args.t_f}, deltaT {args.delta}, γ {args.gamma:g}"
+                  f" (masks may change in steps {args.t_w + 1}-{total_steps - args.t_f} of {total_steps}); lr × "
+                  f"{args.lambda_lr_ratio:g} on lora_E, × {args.pq_lr_ratio:g} on lora_A, lora_B")
         self.saved = peft.get_peft_model(model, config)
         self.net = self.saved.base_model
         self.history = []  # AdaLoRA's masks, each time they change
+
+    @staticmethod
+    def param_groups(net, lr, lambda_lr_ratio=1.0, pq_lr_ratio=1.0):
+        """AdaLoRA's optimizer groups, as flexlora.param_groups makes FlexLoRA's: lora_E (its λ) at
+        lambda_lr_ratio · lr, lora_A and lora_B (its Q, P) at pq_lr_ratio · lr, the rest (the head) at lr.
+        1 and 1 (the defaults) are one lr, as in PEFT and the AdaLoRA paper. Deviation (ours) otherwise: from
+        AdaLoRA's start (E = 0, A, B ~ N(0, 0.02²)) ΔW grows ~14x more slowly than LoRA's at one lr, the
+        saddle of FlexLoRA's --init gaussian (bench/README.md, "The AdaLoRA baseline")."""
+        rate = {"lora_E": lambda_lr_ratio, "lora_A": pq_lr_ratio, "lora_B": pq_lr_ratio}
+        groups = {}
+        for n, p in net.named_parameters():
+            if p.requires_grad:
+                factor = next((k for k in rate if f".{k}." in n), None)
+                groups.setdefault(rate[factor] if factor else 1.0, []).append(p)
+        return [{"params": params, "lr": lr * k} for k, params in groups.items()]
 
     def regularizer(self):
         return None  # AdaLoRA's is in its loss already; LoRA has none
@@ -705,7 +857,8 @@ def build_optimizer(net, args):
     # AdamW; FlexLoRA's λ, P, Q at their --*_lr_ratio × lr; no decay on biases and norms (as HF's Trainer)
     no_decay = {id(p) for n, p in net.named_parameters() if "bias" in n or "norm" in n.lower()}
     groups = []
-    for g in flexlora.param_groups(net, args.lr * args.lr_scale, args.lambda_lr_ratio, args.pq_lr_ratio):
+    groups_of = Peft.param_groups if args.method == "adalora" else flexlora.param_groups  # AdaLoRA: its E, A, B
+    for g in groups_of(net, args.lr * args.lr_scale, args.lambda_lr_ratio, args.pq_lr_ratio):
         for decay in (True, False):
             params = [p for p in g["params"] if (id(p) not in no_decay) == decay]
             groups.append(dict(g, params=params, weight_decay=args.weight_decay if decay else 0.0))
@@ -814,7 +967,14 @@ def predict(net, dataset, collate, args):
     logits, labels = (np.concatenate(x) for x in zip(*(p for p in parts if p is not None)))
     if not np.isfinite(logits).all():  # a metric would count them as some class: no score at all
         raise FloatingPointError("the model's outputs are non-finite")  # (on every rank alike)
+    preds = logits.argmax(-1) if logits.shape[1] > 1 else logits[:, 0]
+    if len(preds) > 1 and np.ptp(preds) <= 1e-6 * max(1.0, float(np.abs(preds).max())):
+        what = f"class {preds[0]}" if logits.shape[1] > 1 else f"the score {preds[0]:.4g}"
+        COLLAPSED.append(f"all {len(preds)} examples predicted as {what}")
     return logits, labels
+
+
+COLLAPSED = []  # predict(): the sets whose predictions were all alike, since train() cleared it
 
 
 def bf16(args, device):
@@ -955,6 +1115,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     method, counts, optimizer, scheduler, state = build(args, model, targets, trainable, T, device)
     net, start = method.net, state.get("step", 0)
     evals, elapsed = state.get("evals", []), state.get("elapsed", 0.0)
+    collapsed = state.get("collapsed")  # a warning for the end: the final predictions all alike
     if world() > 1:
         seed_dropout(args, state)
     ddp = wrap(net, device)  # the forward; net itself for the rest (its parameters are DDP's)
@@ -972,6 +1133,11 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     net.train()
     batches, t0, tick = None, time.time(), time.time()
     loss_sum, orth_sum, n_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    if "logged" in state:  # the steps since the last log line: the next one averages them too, as
+        loss, orth, n_logged = state["logged"]  # the uninterrupted run's line does
+        loss_sum += loss.to(device) if rank() == 0 else 0  # (the sum over the ranks: rank 0 has it)
+        orth_sum += orth.to(device)
+    timed = 0  # steps since tick
     pbar = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True, disable=rank() > 0)
     divergence = Divergence(args, device, start if args.resume else None, pbar)
     for s in range(start, T):
@@ -986,13 +1152,14 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         loss_sum += task
         orth_sum += 0.0 if orth is None else orth
         n_logged += 1
+        timed += 1
         pbar.update(1)
         if t % args.log_every == 0 or t == T:  # one log line every log_every steps
             pbar.write(log_line(args, method, optimizer, t, loss_sum, orth_sum, n_logged,
-                                1000 * (time.time() - tick) / n_logged))
+                                1000 * (time.time() - tick) / timed))
             divergence.check(t, optimizer, weights=False)
             loss_sum.zero_(), orth_sum.zero_()
-            n_logged, tick = 0, time.time()
+            n_logged, timed, tick = 0, 0, time.time()
 
         stop = t == args.stop_after and t < T  # (a stop simulates an interruption)
         evaluate_now, checkpoint_now = t % eval_steps == 0 or t == T, t % ckpt_steps == 0 or stop
@@ -1000,16 +1167,26 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
             divergence.check(t, optimizer)  # a diverged model is never evaluated, checkpointed or saved
         if evaluate_now:  # every eval_every epochs and at the end
             tic = time.time()
+            COLLAPSED.clear()
             try:
                 metrics = evaluate(net)
             except FloatingPointError as e:  # predict(): non-finite logits
                 divergence.fail(f"{e} at step {t}")
+            if t == T and COLLAPSED:  # (the checkpoint at T keeps it, for a --resume at T)
+                collapsed = (f"the final evaluation predicts one and the same for every example "
+                             f"({COLLAPSED[0]}): the model has collapsed, and its metrics mean "
+                             f"little; try another --lr or --lr_scale, or train longer")
             evals.append(dict(step=t, epoch=round(t / steps_per_epoch, 3), **metrics))
             pbar.write(f"eval step {t}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             tick += time.time() - tic  # evaluation does not count as step time
         if checkpoint_now:
+            logged = loss_sum.clone()
+            if world() > 1:
+                dist.all_reduce(logged)  # the global batch's, as log_line() sums it
             save_checkpoint(args, method, optimizer, scheduler, dict(
-                step=t, evals=evals, initial_ranks=initial_ranks, elapsed=elapsed + time.time() - t0))
+                step=t, evals=evals, initial_ranks=initial_ranks,
+                elapsed=elapsed + time.time() - t0, logged=(logged.cpu(), orth_sum.cpu(), n_logged),
+                collapsed=collapsed))
             divergence.last_ckpt = t
         if stop:
             pbar.close()
@@ -1020,7 +1197,8 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
     if rank() > 0:
         return None  # rank 0 writes the outputs
     run = dict(source or {}, train_examples=len(train_set), processes=world(), **provenance())
-    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, run, processor)
+    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key,
+                         run, processor, [collapsed] if collapsed else [])
 
 
 # -----------------------------------------------------------------------------
@@ -1028,8 +1206,14 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
 
 
 def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, run=None,
-                  processor=None):
+                  processor=None, warnings=()):
+    """metrics.json, rank_history.json, the adapter (and merged/); the run's warnings, last."""
     best = max(evals, key=lambda e: e[score_key])
+    warnings = list(warnings)
+    if counts.get("planned_allocations") == 1:
+        warnings.append(f"FlexLoRA's schedule planned a single rank allocation in these {T} steps "
+                        f"(t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, b0 {args.b0}): the "
+                        f"ranks could hardly move; train longer, or lower --delta or --t_w")
     final_ranks = method.ranks()
     counts["final_total_rank"] = sum(final_ranks.values())
     stats = None
@@ -1040,26 +1224,54 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
         stats = dict(allocations=len(h), expanded=sum(len(r["expanded"]) for r in h),
                      pruned=sum(len(r["pruned"]) for r in h), **flexlora.churn(h))
     result = dict(config=vars(args), run=run, counts=counts, evals=evals, final=evals[-1], best=best,
-                  allocation_stats=stats, wall_time_s=round(elapsed, 1), train_steps=T, device=str(device))
-    write_json(os.path.join(args.output_dir, "rank_history.json"),
-               dict(method=args.method, initial=initial_ranks, history=method.history, final=final_ranks))
-    method.save(args.output_dir)
+                  allocation_stats=stats, wall_time_s=round(elapsed, 1), train_steps=T,
+                  device=str(device), warnings=warnings)
+    out = args.output_dir
+    with writing(args, os.path.join(out, "rank_history.json")):
+        write_json(os.path.join(out, "rank_history.json"), dict(
+            method=args.method, initial=initial_ranks, history=method.history, final=final_ranks))
+    with writing(args, f"the adapter in {out}"):
+        method.save(out)
     if args.save_merged:  # ΔW folded into W: a plain transformers model, for serving
-        folder = os.path.join(args.output_dir, "merged")
-        method.merged().save_pretrained(folder)
-        if processor is not None:
-            processor.save_pretrained(folder)
-    write_json(os.path.join(args.output_dir, "metrics.json"), result)  # last: a finished run has it
+        folder = os.path.join(out, "merged")
+        with writing(args, folder):
+            method.merged().save_pretrained(folder)
+            if processor is not None:
+                processor.save_pretrained(folder)
+    with writing(args, os.path.join(out, "metrics.json")):
+        write_json(os.path.join(out, "metrics.json"), result)  # last: a finished run has it
     print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items() if k not in ("step", "epoch")))
     print(f"best (step {best['step']}): {score_key} {best[score_key]:.4f}; {elapsed:.0f} s; "
           f"outputs in {args.output_dir}")
+    for w in warnings:  # (kept in metrics.json's "warnings")
+        print(f"warning: {w}")
     return result
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:  # then renamed: a crash never leaves half a file
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:  # then renamed: a crash never leaves half a file
+            json.dump(obj, f, indent=1)
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):  # (a full disk)
+            os.remove(path + ".tmp")
+
+
+@contextmanager
+def writing(args, what):
+    """A full disk (or another write error) while writing `what`, an output of a finished run: one
+    line and exit 1. The checkpoint stays, from which --resume writes the outputs."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:  # (torch's and safetensors' writers)
+        ckpt = os.path.join(args.output_dir, "checkpoint")
+        then = (f"--resume {args.output_dir} writes the outputs from its last checkpoint"
+                if os.path.isdir(ckpt) else "run it again")
+        why = getattr(e, "strerror", None) or str(e).strip()[:200] or type(e).__name__
+        die(f"could not write {what} ({why}): make room, then {then}", code=1)
 
 
 def provenance():

@@ -29,12 +29,27 @@ import argparse
 import csv
 import math
 import os
+import signal
+import sys
+import textwrap
 import warnings
 
-import numpy as np
-import torch
 
-import train_common as common
+def interrupted_while_starting(*_):
+    print("error: interrupted while starting: nothing was written", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: this line, not an abort in torch's C++
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import train_common as common  # noqa: E402
+
+if __name__ == "__main__":  # loaded: Ctrl-C is KeyboardInterrupt again (main: resumable)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # -----------------------------------------------------------------------------
 # The tasks
@@ -263,7 +278,7 @@ def load_model(args):
     # weights (and on CUDA compute under bf16 autocast)
     model = common.from_pretrained(
         AutoModelForSequenceClassification, args.model, num_labels=num_labels(args.task), dtype=torch.float32,
-        ignore_mismatched_sizes=True,  # a fresh head of the task's size
+        ignore_mismatched_sizes=True, head=["classifier", "pooler"],  # a new head, the task's size
         problem_type="regression" if args.task == "stsb" else "single_label_classification")
     return model, common.from_pretrained(AutoTokenizer, args.model)
 
@@ -303,8 +318,10 @@ def get_args(argv=None):
     g.add_argument("--task", type=task_name, default="cola", help=", ".join(TASKS))
     g.add_argument("--data_dir", help="GLUE TSVs as <DIR>/<TASK>/{train,dev}.tsv (default: the Hub)")
     g.add_argument("--max_length", type=int, help="tokens per example (truncated)")
-    g.add_argument("--max_train_samples", type=int, help="a seeded random subset of the training set")
-    g.add_argument("--max_eval_samples", type=int, help="a subset of dev: no longer the official figure")
+    g.add_argument("--max_train_samples", type=int,
+                   help="a seeded random subset of the training set (default: all of it)")
+    g.add_argument("--max_eval_samples", type=int,
+                   help="a subset of dev: no longer the official figure (default: all of it)")
     # model
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="microsoft/deberta-v3-base", help="Hub name or local checkpoint")
@@ -317,6 +334,10 @@ def get_args(argv=None):
     parser.set_defaults(r=12, **dict(zip(HPARAMS, TASKS[first.task])))
     if first.smoke:
         parser.set_defaults(**SMOKE)
+    parser.epilog = textwrap.fill(
+        f"The defaults shown are those of --task {first.task}" + (" --smoke" if first.smoke else "")
+        + f": each task has its own {', '.join(HPARAMS)} (TASKS in train_glue.py), and --smoke "
+        f"its own; `--task rte --help` shows RTE's.", 79)
     args = parser.parse_args(argv)
     if args.smoke and args.model is not None:
         common.die(f"--smoke trains its own tiny model: drop --model {args.model}, or --smoke")
@@ -336,7 +357,12 @@ def check_args(args):
 
 def main(argv=None):
     args = get_args(argv)
-    args = common.launch(args, f"glue-{args.task}", check_args)  # torchrun's processes; --resume: its settings
+    with common.resumable(args):  # Ctrl-C: how to continue, not a traceback (from here to the end)
+        args = common.launch(args, f"glue-{args.task}", check_args)  # --resume: its settings
+        return run(args)
+
+
+def run(args):
     torch.manual_seed(args.seed)  # the head's initialisation (and the smoke model)
     with common.user_errors():  # a file that is not what it should be: one line, exit 2
         data = load_data(args)
@@ -369,9 +395,8 @@ def main(argv=None):
                         f"{model.config.hidden_size})" if args.smoke else common.where(args.model),
                   data=f"GLUE TSVs in {os.path.abspath(args.data_dir)}" if args.data_dir else
                   "smoke: built-in sentences with marker words" if args.smoke else f"Hub: nyu-mll/glue {args.task}")
-    with common.resumable(args):  # Ctrl-C: how to continue, not a traceback
-        return common.train(args, model, train_set, collate, evaluate, targets, heads, source=source,
-                            processor=tokenizer)
+    return common.train(args, model, train_set, collate, evaluate, targets, heads, source=source,
+                        processor=tokenizer)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,26 @@ $ torchrun --standalone --nproc_per_node 2 train_vit.py --smoke
 
 import argparse
 import os
+import signal
 import sys
 import zipfile
 
-import numpy as np
-import torch
 
-import train_common as common
+def interrupted_while_starting(*_):
+    print("error: interrupted while starting: nothing was written", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: this line, not an abort in torch's C++
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import train_common as common  # noqa: E402
+
+if __name__ == "__main__":  # loaded: Ctrl-C is KeyboardInterrupt again (main: resumable)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # -----------------------------------------------------------------------------
 # Defaults: VTAB-1k conventions (AdamW, 100 epochs, batch 64, no augmentation); the paper's ViT
@@ -140,9 +153,24 @@ def load_folder(path, seed):
         test, pairs = [pairs[i] for i in rng[cut:]], [pairs[i] for i in rng[:cut]]
     else:
         test = files(test)
+    check_images([f for f, _ in pairs + test], path)
     print(f"image folder {path}: {len(classes)} classes: {', '.join(classes[:5])}"
           + (", ..." if len(classes) > 5 else ""))
     return {s: ([f for f, _ in p], np.array([y for _, y in p])) for s, p in (("train", pairs), ("test", test))}
+
+
+def check_images(files, folder):
+    """Decode every image once, before anything is written: a damaged file is a data error now,
+    not a crash in the middle of the run (with an --overwrite'n run already gone)."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as image:
+                image.load()
+        except Exception as e:  # PIL: OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            why = f"{type(e).__name__}: {e}"
+            raise ValueError(f"--data {folder}: {f} is not a readable image ({why})") from None
 
 
 def load_hub(name):
@@ -215,6 +243,16 @@ def load_data(args):
     return data, n_classes
 
 
+def default_window(args, total_steps):
+    """Each of --t_w, --t_f, --delta not given (None): its WINDOW default, a fraction of the run's
+    steps for t_w and t_f. (One given alone was ignored, or crashed the run.)"""
+    T = total_steps
+    defaults = dict(t_w=round(WINDOW[0] * T), t_f=round(WINDOW[1] * T), delta=WINDOW[2])
+    for flag, default in defaults.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+
+
 # -----------------------------------------------------------------------------
 # Model and preprocessing
 
@@ -249,7 +287,8 @@ def load_model(args, n_classes):
     # a fresh classifier of the right size (e.g. vit-tiny-cifar10 has 10 labels, CIFAR-100 needs 100);
     # float32 master weights even from a bf16 checkpoint (transformers 5 would keep its dtype)
     return common.from_pretrained(AutoModelForImageClassification, args.model, num_labels=n_classes,
-                                  ignore_mismatched_sizes=True, dtype=torch.float32)
+                                  ignore_mismatched_sizes=True, dtype=torch.float32,
+                                  head=["classifier"])
 
 
 # -----------------------------------------------------------------------------
@@ -260,17 +299,26 @@ def get_args(argv=None):
     # data
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100", help="Hub dataset: cifar100, cifar10, or a repo name")
-    g.add_argument("--data", help="a .npz (x_train, y_train, x_test, y_test) or an image folder")
+    g.add_argument("--data", help="a .npz (x_train, y_train, x_test, y_test) or an image folder "
+                                  "(default: --dataset, from the Hub)")
     g.add_argument("--vtab1k", action="store_true", help="1000 training images: 800 train, 200 evaluation")
-    g.add_argument("--max_train_samples", type=int, help="a seeded random subset of the training set")
+    g.add_argument("--max_train_samples", type=int,
+                   help="a seeded random subset of the training set (default: all of it)")
     # model
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="google/vit-base-patch16-224-in21k", help="Hub name or local checkpoint")
     g.add_argument("--attn", action="store_true", help="adapt the attention projections as well as fc1/fc2")
     common.add_common_args(parser)
     parser.set_defaults(**DEFAULTS)
-    if "--smoke" in (argv if argv is not None else sys.argv[1:]):
+    smoke = "--smoke" in (argv if argv is not None else sys.argv[1:])
+    if smoke:
         parser.set_defaults(**SMOKE)
+    else:  # the window's defaults are fractions of the run (default_window)
+        common.explain_defaults(parser, t_w=f"{WINDOW[0]:.0%} of the run's steps",
+                                t_f=f"{WINDOW[1]:.0%} of the run's steps",
+                                delta=f"{WINDOW[2]} steps")
+    parser.epilog = ("The defaults shown are " + ("--smoke's" if smoke else "the full runs'; "
+                                                  "`--smoke --help` shows the smoke run's") + ".")
     args = parser.parse_args(argv)
     for flag in ("model", "dataset"):
         if args.smoke and getattr(args, flag) is not None:
@@ -288,8 +336,13 @@ def check_args(args):
 
 def main(argv=None):
     args = get_args(argv)
-    args = common.launch(args, "vit-" + ("smoke" if args.smoke else os.path.basename(
-        os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset), check_args)
+    with common.resumable(args):  # Ctrl-C: how to continue, not a traceback (from here to the end)
+        args = common.launch(args, "vit-" + ("smoke" if args.smoke else os.path.basename(
+            os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset), check_args)
+        return run(args)
+
+
+def run(args):
     torch.manual_seed(args.seed)  # the new head's initialisation (and the smoke model)
     with common.user_errors():  # a file that is not what it should be: one line, exit 2
         data, n_classes = load_data(args)
@@ -299,9 +352,7 @@ def main(argv=None):
     train_set, held = common.hold_out(train_set, args)
     print(f"{len(train_set):,} training and {len(test_set):,} test images, {n_classes} classes; "
           f"resized to {model.config.image_size}, mean {np.round(processor.image_mean, 3).tolist()}")
-    if args.t_w is None:  # the default window: fractions of the run
-        T = args.epochs * -(-len(train_set) // args.batch_size)
-        args.t_w, args.t_f, args.delta = round(WINDOW[0] * T), round(WINDOW[1] * T), args.delta or WINDOW[2]
+    default_window(args, args.epochs * -(-len(train_set) // args.batch_size))
 
     def collate(items):
         images, labels = zip(*items)
@@ -322,9 +373,8 @@ def main(argv=None):
                         f"{c.image_size}x{c.image_size} images)" if args.smoke else common.where(args.model),
                   data=os.path.abspath(args.data) if args.data else "smoke: built-in coloured squares on noise"
                   if args.smoke else f"Hub: {HUB.get(args.dataset, (args.dataset,))[0]}")
-    with common.resumable(args):  # Ctrl-C: how to continue, not a traceback
-        return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"], "accuracy", source,
-                            processor=processor)
+    return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"],
+                        "accuracy", source, processor=processor)
 
 
 if __name__ == "__main__":

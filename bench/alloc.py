@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flexlora as fl
+from flexlora_gain import GainAllocator
 
 # -----------------------------------------------------------------------------
 # Variants of the allocation rule: a RankAllocator whose scores() departs from the paper's
@@ -61,17 +62,10 @@ class VariantAllocator(fl.RankAllocator):
         super().__init__(model, *args, **kw)
         self.config.update(score=score, rank1_score=rank1_score, protect=protect)
         self.t = 0
-        # the step at which each slot's direction was added (None: there from the start, or dead)
-        self.born = {n: [None] * m.r_max for n, m in self.layers.items()}
 
     def step(self, t, optimizer=None):
         self.t = t
-        record = super().step(t, optimizer)
-        for name, slot in (record or {}).get("removed", {}).items():  # keep `born` in step with the slots
-            self.born[name][slot] = None
-        for name, slot in (record or {}).get("added", {}).items():
-            self.born[name][slot] = t
-        return record
+        return super().step(t, optimizer)
 
     def spectra(self):
         # a young direction is shown to the rule as λ = inf: never the smallest |λ|, and scores()
@@ -79,7 +73,7 @@ class VariantAllocator(fl.RankAllocator):
         lams = super().spectra()  # the live slots, in slot order
         for name, lam in lams.items():
             born = [self.born[name][s] for s in self.layers[name].live.nonzero().squeeze(1).tolist()]
-            young = [i for i, t0 in enumerate(born) if t0 is not None and self.t - t0 <= self.config["protect"]]
+            young = [i for i, t0 in enumerate(born) if t0 and self.t - t0 <= self.config["protect"]]  # 0: old
             lam[young] = float("inf")
         return lams
 
@@ -106,15 +100,6 @@ class VariantAllocator(fl.RankAllocator):
         sq = [m.scaling ** 2 * (lam @ ((m.P.float().T @ m.P.float()) * (m.Q.float() @ m.Q.float().T)) @ lam)
               for m, lam in zip(self.layers.values(), lams)]
         return dict(zip(self.layers, torch.stack(sq).clamp(min=0).sqrt().cpu().tolist()))
-
-    def state_dict(self):
-        return super().state_dict() | {"born": {n: list(v) for n, v in self.born.items()}}
-
-    def load_state_dict(self, d):
-        if {n: len(v) for n, v in d["born"].items()} != {n: m.r_max for n, m in self.layers.items()}:
-            raise ValueError("allocator state does not fit the adapters: load_adapter() the checkpoint first")
-        super().load_state_dict(d)
-        self.born = {n: list(v) for n, v in d["born"].items()}
 
 
 # -----------------------------------------------------------------------------
@@ -238,6 +223,9 @@ VARIANTS = {
     "util+protect": dict(score="utilization", protect="interval"),
     "constant b": dict(schedule="constant"),
     "long warm-up": dict(t_warmup="x3"),
+    "gain": dict(rule="gain"),  # flexlora_gain.GainAllocator: a move only where it pays
+    "gain m=0": dict(rule="gain", margin=0.0),
+    "gain m=1": dict(rule="gain", margin=1.0),
 }
 
 
@@ -256,7 +244,9 @@ def run(problem, variant, seed, b0=2, interval=20, lr=1e-2, gamma=0.1):
     if options.get("protect") == "interval":
         options["protect"] = interval
     alloc = None
-    if VARIANTS[variant] is not None:
+    if options.pop("rule", None) == "gain":
+        alloc = GainAllocator(student, b0, t_warmup, t_final, steps, interval, seed=seed, **options)
+    elif VARIANTS[variant] is not None:
         alloc = VariantAllocator(student, b0, t_warmup, t_final, steps, interval, seed=seed, **options)
     gen = torch.Generator().manual_seed(seed + 1000)
     losses = []

@@ -26,7 +26,17 @@ def plot_ranks(final, initial, history, T, out_dir, method):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # final rank per layer x module type
+    for name, fig in (("ranks.png", ranks_figure(final, method)),
+                      ("rank_history.png", history_figure(final, initial, history, T, method))):
+        fig.savefig(os.path.join(out_dir, name), dpi=120, bbox_inches="tight")
+        plt.close(fig)
+
+
+def ranks_figure(final, method):
+    """The final rank per layer x module type, in colour (the colour bar's ticks: integers)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     parsed = {n: _layer_and_type(n) for n in final}
     layers = sorted({l for l, _ in parsed.values()})
     types = list(dict.fromkeys(ty for _, ty in parsed.values()))
@@ -40,20 +50,30 @@ def plot_ranks(final, initial, history, T, out_dir, method):
             ax.text(x, y, int(v), ha="center", va="center", color="w", fontsize=8)
     ax.set(xticks=range(len(layers)), xticklabels=layers, yticks=range(len(types)), yticklabels=types,
            xlabel="layer", title=f"{method}: final rank (total {int(np.nansum(grid))})")
-    fig.colorbar(im, ax=ax)
-    fig.savefig(os.path.join(out_dir, "ranks.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    fig.colorbar(im, ax=ax, ticks=MaxNLocator(integer=True))  # ranks are integers: no 11.25
+    return fig
 
-    # total rank per module type over training
+
+def history_figure(final, initial, history, T, method):
+    """The total rank per module type over training. Module types whose totals are the same at
+    every step share one line, labelled "a = b" (one drawn over the other hid it); the other lines
+    differ in style where they overlap for a while."""
+    import matplotlib.pyplot as plt
+
+    types = list(dict.fromkeys(_layer_and_type(n)[1] for n in final))
     points = [(0, initial)] + [(h["step"], h["ranks"]) for h in history] + [(T, final)]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = {}  # {the totals over training: the module types that have them}
     for ty in types:
-        ys = [sum(r for n, r in ranks.items() if _layer_and_type(n)[1] == ty) for _, ranks in points]
-        ax.step([s for s, _ in points], ys, where="post", label=ty)
+        ys = tuple(sum(r for n, r in ranks.items() if _layer_and_type(n)[1] == ty)
+                   for _, ranks in points)
+        lines.setdefault(ys, []).append(ty)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (ys, same) in enumerate(lines.items()):
+        ax.step([s for s, _ in points], ys, where="post", label=" = ".join(same),
+                linestyle=("-", "--", "-.", ":")[i % 4], linewidth=1.5)
     ax.set(xlabel="step", ylabel="total rank", title=f"{method}: rank per module type")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.savefig(os.path.join(out_dir, "rank_history.png"), dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 def plot_run(run_dir):

@@ -45,7 +45,9 @@ METRIC = {"cola": "mcc", "mrpc": "f1", "rte": "accuracy", "stsb": "pearson", "ci
 METHODS = {"flexlora": [], "lora": ["--method", "lora"], "adalora": ["--method", "adalora"],
            "flexlora-paper": ["--init", "gaussian"],  # the paper's start (λ = 0), one lr for P, λ, Q
            "flexlora-ratios": ["--init", "gaussian", "--lambda_lr_ratio", "16", "--pq_lr_ratio", "3"],  # its speed-up
-           "flexlora-fixed": ["--b0", "0"]}  # the same SVD form at fixed rank: does moving rank help?
+           "flexlora-fixed": ["--b0", "0"],  # the same SVD form at fixed rank: does moving rank help?
+           "flexlora-gain": ["--rule", "gain"],  # flexlora_gain.py's rule: a move only where it pays
+           "adalora-ratios": ["--method", "adalora", "--lambda_lr_ratio", "16", "--pq_lr_ratio", "3"]}
 VARIANTS = {"flexlora-util": "utilization"}  # another score: python -m bench.variant SCORE ...
 EXTRA = {"flexlora-util": []}  # not run by default
 

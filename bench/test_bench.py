@@ -291,10 +291,10 @@ def test_protect_keeps_a_new_direction_out_of_pruning_and_scoring():
     assert rec["scores"]["mats.0"] == pytest.approx(fl.spectral_entropy(torch.tensor([1.0, 1, 0.5])).item())
     assert rec["pruned"] == ["mats.0"] and rec["removed"] == {"mats.0": 2}  # the weakest old one
     # born, by slot: mats.0 grew into slot 3 at t = 5 and lost slot 2; mats.1 lost slot 1, regrew it at 10
-    assert alloc.born["mats.0"] == [None, None, None, 5] + [None] * 4
-    assert alloc.born["mats.1"] == [None, 10] + [None] * 6
+    assert alloc.born["mats.0"] == [0, 0, 0, 5] + [0] * 4  # (0: there from the start, or dead)
+    assert alloc.born["mats.1"] == [0, 10] + [0] * 6
     assert allocator(two_matrices(FLAT, FLAT), protect=5).state_dict()["born"] == \
-        {"mats.0": [None] * 8, "mats.1": [None] * 8}
+        {"mats.0": [0] * 8, "mats.1": [0] * 8}
 
 
 def test_defaults_are_the_papers_rule():

@@ -395,9 +395,10 @@ def _set_slot(layer: FlexLoRALinear, j: int, fresh, optimizer):
 @torch.no_grad()
 def _own_count(layers: dict, born: dict, t: int, optimizer):
     """Adam's bias correction counts the steps of a whole tensor, T, but a slot reborn at step t0
-    restarted its moments at 0 (_set_slot), as a fresh Adam's a = t − t0 steps ago: with T's count
-    its first steps come out up to ~3-6× too large late in a run. After each optimizer step, redo
-    the young slots' update with their own count, exactly a fresh Adam's on that slot alone:
+    restarted its moments at 0 (_set_slot), as a fresh Adam's a = t − t0 steps ago: with T's
+    count, once T is large, its first step is (1 − β1) / √(1 − β2) ≈ 3.2× a fresh Adam's. After
+    each optimizer step, redo the young slots' update with their own count, exactly a fresh
+    Adam's on that slot alone:
         θ += lr · (u(T) − u(a)),   u(n) = m / (1 − β1ⁿ) / (sqrt(v / (1 − β2ⁿ)) + ε)
     (AdamW's decay θ · lr · wd is the same in both). The factors of one kind and shape are
     stacked, as in orthogonal_regularizer, with a = T on the other slots (a correction of

@@ -20,6 +20,7 @@ import numbers
 import os
 import re
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -392,6 +393,12 @@ def _set_slot(layer: FlexLoRALinear, j: int, fresh, optimizer):
     layer.live[j] = fresh is not None
 
 
+def _inner(optimizer):
+    while hasattr(optimizer, "optimizer"):  # accelerate's (and the Trainer's) AcceleratedOptimizer
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 @torch.no_grad()
 def _own_count(layers: dict, born: dict, t: int, optimizer):
     """Adam's bias correction counts the steps of a whole tensor, T, but a slot reborn at step t0
@@ -406,10 +413,8 @@ def _own_count(layers: dict, born: dict, t: int, optimizer):
     rebuild the optimizer). Other optimizers keep the tensor's count: SGD, RMSprop, Rprop,
     Adagrad (lr_decay 0) use none, so their reset slot already steps as a fresh one; NAdam,
     RAdam, Adamax do not."""
-    adam = (torch.optim.Adam, torch.optim.AdamW)
-    while type(optimizer) not in adam and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer  # accelerate's (and the Trainer's) AcceleratedOptimizer
-    if type(optimizer) not in adam:
+    optimizer = _inner(optimizer)
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
         return
     group = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     stacks = {}  # (factor, shape, param group) -> [(param, its state, T, each slot's age)]
@@ -495,7 +500,8 @@ class RankAllocator:
     adapter's slots). The score is the paper's I(Λ); to try another, subclass and override
     scores(), or choose(), weakest() and new_direction() for another rule (flexlora_gain.py).
     warm_start: a reborn slot steps as a fresh Adam (_own_count); call step() after every
-    optimizer step, with the optimizer, for it."""
+    optimizer step, with the optimizer, for it. One allocator per model: a newer one on the same
+    adapters takes them over, and the older one's step() refuses."""
 
     def __init__(self, model: nn.Module, b0: int, t_warmup: int, t_final: int, total_steps: int,
                  interval: int, r_min: int = 1, r_max: int = None, seed: int = 0,
@@ -531,6 +537,35 @@ class RankAllocator:
         self.history, self.last_step = [], 0
         # the step t at which each slot's direction was added (0: there from the start, or dead)
         self.born = {n: [0] * m.r_max for n, m in self.layers.items()}
+        # the newest allocator on these adapters drives them: an older one's step() refuses
+        self._owner = object()
+        for m in self.layers.values():
+            m._flexlora_owner = self._owner
+        self._watched = self._seen = None  # _check_order's optimizer, and the gradient it used
+
+    def _check_order(self, optimizer):
+        """step() belongs after optimizer.step(): a post-step hook notes the gradient the
+        optimizer stepped with; a newer one at step() means backward() ran since. A warning, as a
+        GradScaler that skips a step (inf gradients) looks the same."""
+        probe = next((p for m in self.layers.values() for f in _RANK_DIM
+                      for p in [getattr(m, f)] if p.requires_grad), None)
+        inner = _inner(optimizer)
+        if probe is None or self._watched is inner and probe.grad is None:
+            return
+        if self._watched is not inner:  # the first call with it: no step seen yet
+            def note(*_):
+                self._seen = (probe.grad is not None and weakref.ref(probe.grad),
+                              probe.grad is not None and probe.grad._version)
+            self._watched = inner
+            inner.register_step_post_hook(note)
+            return
+        seen = self._seen
+        newer = (seen is None or seen[0] is False or seen[0]() is not probe.grad
+                 or seen[1] != probe.grad._version)
+        if newer and bool(probe.grad.any()):  # (zero_grad(set_to_none=False) zeroes it: fine)
+            warnings.warn("RankAllocator.step() ran between backward() and optimizer.step(): "
+                          "the gradients were not used yet; call it after optimizer.step()",
+                          stacklevel=3)
 
     def spectra(self) -> dict:
         """{module name: each live direction's size, in slot order, a float32 CPU tensor}, with
@@ -604,6 +639,12 @@ class RankAllocator:
         if optimizer is not None and not hasattr(optimizer, "param_groups"):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, "
                             f"got {type(optimizer).__name__}")
+        _need(all(getattr(m, "_flexlora_owner", None) is self._owner
+                  for m in self.layers.values()),
+              "another RankAllocator was made on these adapters since this one, and drives them "
+              "now: step() that one alone (two would both move rank, doubling b(t))")
+        if optimizer is not None:
+            self._check_order(optimizer)
         c = self.config
         if optimizer is not None and c.get("warm_start", True):
             _own_count(self.layers, self.born, t, optimizer)  # the optimizer step just taken

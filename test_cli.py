@@ -361,8 +361,7 @@ def test_one_run_at_a_time_in_an_output_dir(tmp_path, capsys, monkeypatch):
     other.kill()
     other.wait()
     assert train_glue.main(["--resume", part])["final"]
-    common.lock_output_dir(part)  # and this process let go of it at the end of its run
-    common.release_output_dir()
+    common.OutputDir().hold(part)  # and this process let go of it at the end of its run
 
 
 def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path, capsys, monkeypatch):

@@ -42,8 +42,8 @@ def smoke_model(*a):
             m.p = 0.0
     return model
 
-def train_and_check(args, model, *rest, **kw):
-    result = train(args, model, *rest, **kw)
+def train_and_check(args, out, model, *rest, **kw):
+    result = train(args, out, model, *rest, **kw)
     rank, out = train_common.rank(), args.output_dir
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
               f"{out}/rank{rank}.safetensors")

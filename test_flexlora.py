@@ -634,6 +634,35 @@ def test_allocating_without_optimizer_warns_once_while_adapters_train():
         assert allocator(frozen, b0=2).step(1)["k"] == 2
 
 
+def test_step_between_backward_and_optimizer_step_warns_and_after_it_does_not():
+    model, opt, _ = training_setup()
+    alloc = allocator(model, b0=1, interval=2)
+    x, y = torch.randn(32, 8), torch.randn(32, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the documented order, and zero_grad() before step()
+        for t in range(1, 5):
+            loss_fn(model, x, y).backward()
+            opt.step()
+            if t % 2:
+                opt.zero_grad(set_to_none=False)  # (zeroes the gradient in place)
+            alloc.step(t, opt)
+            opt.zero_grad()
+    loss_fn(model, x, y).backward()
+    with pytest.warns(UserWarning, match=r"between backward\(\) and optimizer.step\(\)") as caught:
+        alloc.step(5, opt)
+    assert caught[0].filename == __file__  # points at the caller's line
+
+
+def test_an_older_allocator_on_the_same_adapters_refuses_to_step():
+    model = spectra_model()
+    old, new = allocator(model), allocator(model)
+    before = fl.rank_pattern(model)
+    with pytest.raises(ValueError, match="another RankAllocator was made on these adapters"):
+        old.step(1)
+    assert fl.rank_pattern(model) == before and old.history == []
+    assert new.step(1)["k"] == 1  # the newest drives them: b(t) once, not twice
+
+
 def trained_with(make_opt, steps=3):
     """training_setup's model after a few steps of the optimizer make_opt(trainable params)."""
     model, _, _ = training_setup()

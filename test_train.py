@@ -172,10 +172,10 @@ def test_ctrl_c_before_the_run_starts_leaves_the_old_run(tmp_path, monkeypatch):
     train_glue.main(GLUE_TINY + ["--output_dir", out, "--stop_after", "4"])
     before = read(out, "checkpoint/args.json")
 
-    def interrupted(args):
+    def interrupted(self, args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "start_run", interrupted)  # Ctrl-C while the new run is still loading
+    monkeypatch.setattr(common.OutputDir, "start", interrupted)  # Ctrl-C while the new run is still loading
     with pytest.raises(SystemExit) as e:
         train_glue.main(GLUE_TINY + ["--output_dir", out, "--overwrite"])
     assert e.value.code == 130 and f"interrupted before the run started: --output_dir {out} is as it was" in str(e.value)

@@ -31,17 +31,33 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
 
-import flexlora  # (flexlora_hf, transformers, peft: imported where used, for a quick --help)
+def interrupted_while_starting(*_):
+    print("error: interrupted while starting: nothing was written", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+# run as train_glue.py or train_vit.py: Ctrl-C while torch loads is this line, not an abort in
+# torch's C++; then KeyboardInterrupt again (main: resumable)
+SCRIPT = os.path.basename(getattr(sys.modules["__main__"], "__file__", None) or "")
+if SCRIPT in ("train_glue.py", "train_vit.py"):
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import flexlora  # noqa: E402  (flexlora_hf, transformers, peft: imported where used: quick --help)
+
+if SCRIPT in ("train_glue.py", "train_vit.py"):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # -----------------------------------------------------------------------------
 # User errors: one line and exit code 2, never a stack trace
@@ -78,13 +94,12 @@ def resumable(args):
     """Around all of a run but its argument parsing (main: launch, loading, training, outputs).
     Ctrl-C (KeyboardInterrupt): one line saying how to continue the run, exit 130. However the run
     ends: its lock on --output_dir is let go, and an --output_dir it created and left empty (an
-    early Ctrl-C, a divergence before its first checkpoint) is removed."""
-    global STARTED, CREATED
-    STARTED = CREATED = False
+    early Ctrl-C, a divergence before its first checkpoint) is removed. Yields the OutputDir."""
+    out = OutputDir()
     try:
-        yield
+        yield out
     except KeyboardInterrupt:
-        if not STARTED:  # nothing written yet: an --overwrite'n or --resume'd run is still whole
+        if not out.started:  # nothing written yet: an --overwrite'n or --resume'd run is still whole
             kept = (f"--output_dir {args.output_dir} is as it was" if args.output_dir
                     else "nothing was written")
             die(f"interrupted before the run started: {kept}", code=130)
@@ -94,10 +109,10 @@ def resumable(args):
                "it had written no checkpoint yet (--ckpt_every sets how often it does)")
         die(f"interrupted: {how}", code=130)
     finally:
-        made = STARTED and CREATED and os.path.isdir(args.output_dir)  # (locked: no other run's)
+        made = out.started and out.created and os.path.isdir(args.output_dir)  # (locked: ours)
         if made and not os.listdir(args.output_dir):
             os.rmdir(args.output_dir)
-        release_output_dir()
+        out.release()
 
 
 # -----------------------------------------------------------------------------
@@ -244,56 +259,74 @@ def recover_checkpoint(out_dir):
         shutil.rmtree(ckpt + ".old", ignore_errors=True)  # checkpoint/ is complete (it was swapped in)
 
 
-STARTED = False  # has start_run() touched --output_dir? (before it, Ctrl-C leaves an old run whole)
-CREATED = False  # and did it create the folder? (resumable() removes it if the run left it empty)
-LOCK = None  # (folder, file descriptor): the --output_dir this process holds the lock of
+class OutputDir:
+    """--output_dir as this run holds it: its lock, and whether the run has touched the folder
+    yet (started: before that, Ctrl-C leaves an old run whole) and created it (then resumable()
+    removes it if the run left it empty)."""
+
+    def __init__(self):
+        self.started = self.created = False
+        self.lock = None  # (folder, file descriptor)
+
+    def hold(self, path):
+        """One run at a time in a folder: hold an exclusive flock on `path` (a folder) until the
+        run ends (resumable: release), or die() if another run holds it. The kernel lets go of a
+        process's locks when it ends, killed too: a stale lock never blocks. (No fcntl: no lock.)"""
+        if self.lock is not None and self.lock[0] == os.path.realpath(path):
+            return
+        self.release()
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # a folder one may write in but not read: run without
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            die(f"--output_dir {path}: another run is writing there (it holds the folder's lock): "
+                f"wait for it to end, or pick another --output_dir")
+        except OSError:  # a file system without locks (some network ones): run without
+            os.close(fd)
+            return
+        self.lock = (os.path.realpath(path), fd)
+
+    def release(self):
+        if self.lock is not None:
+            os.close(self.lock[1])
+            self.lock = None
+
+    def start(self, args):
+        """Once the run has loaded without an error: create and lock --output_dir, then clear
+        (--overwrite) every file of the old run in it, so that nothing stale is mixed in. Other
+        files stay."""
+        created = not os.path.isdir(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.hold(args.output_dir)  # another run may have started there since prepare_output_dir
+        self.started, self.created = True, created
+        if not args.resume:
+            refuse_a_run_in(args)  # (one that has written there since)
+            for f in RUN_FILES:
+                path = os.path.join(args.output_dir, f)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
 
 
-def lock_output_dir(path):
-    """One run at a time in a folder: hold an exclusive flock on `path` (a folder) until the run
-    ends (resumable: release_output_dir), or die() if another run holds it. The kernel lets go of
-    a process's locks when it ends, killed too: a stale lock never blocks. (No fcntl: no lock.)"""
-    global LOCK
-    if LOCK is not None and LOCK[0] == os.path.realpath(path):
-        return
-    release_output_dir()
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder one may write in but not read: run without
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        die(f"--output_dir {path}: another run is writing there (it holds the folder's lock): "
-            f"wait for it to end, or pick another --output_dir")
-    except OSError:  # a file system without locks (some network ones): run without
-        os.close(fd)
-        return
-    LOCK = (os.path.realpath(path), fd)
-
-
-def release_output_dir():
-    global LOCK
-    if LOCK is not None:
-        os.close(LOCK[1])
-        LOCK = None
-
-
-def prepare_output_dir(args, name, check=check_args):
+def prepare_output_dir(args, name, check=check_args, out=None):
     """Pick the run directory (--resume: and the run's own settings), check the arguments with
-    check(args), and refuse to go near another run unless asked to. Deletes nothing: start_run()
-    clears an --overwrite'n run once the new one has loaded without an error."""
-    global STARTED
-    STARTED = False
+    check(args), and refuse to go near another run unless asked to; `out` (an OutputDir) locks
+    it. Deletes nothing: OutputDir.start() clears an --overwrite'n run once the new one has
+    loaded without an error."""
+    out = out or OutputDir()
     if args.resume:
         if not os.path.isdir(args.resume):
             die(f"--resume {args.resume}: no such directory")
-        lock_output_dir(args.resume)  # before anything is read or renamed there
+        out.hold(args.resume)  # before anything is read or renamed there
         if os.path.exists(os.path.join(args.resume, "metrics.json")):
             die(f"--resume {args.resume}: that run has finished (metrics.json is there): nothing to continue; "
                 f"start a new run, or --overwrite it")
@@ -330,8 +363,8 @@ def prepare_output_dir(args, name, check=check_args):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         die(f"--output_dir {args.output_dir}: {parent} is {'not writable' if os.path.isdir(parent) else 'a file'}")
-    if os.path.isdir(args.output_dir):  # (a new folder is locked when start_run() creates it)
-        lock_output_dir(args.output_dir)
+    if os.path.isdir(args.output_dir):  # (a new folder is locked when out.start() creates it)
+        out.hold(args.output_dir)
     refuse_a_run_in(args)
     return args
 
@@ -341,25 +374,6 @@ def refuse_a_run_in(args):
     if held and not args.overwrite:
         die(f"--output_dir {args.output_dir} already holds a run ({', '.join(held)}): pass --overwrite "
             f"to replace it, or --resume {args.output_dir} to continue it")
-
-
-def start_run(args):
-    """Once the run has loaded without an error: create and lock --output_dir, then clear
-    (--overwrite) every file of the old run in it, so that nothing stale is mixed in. Other files
-    stay."""
-    global STARTED, CREATED
-    created = not os.path.isdir(args.output_dir)
-    os.makedirs(args.output_dir, exist_ok=True)
-    lock_output_dir(args.output_dir)  # another run may have started there since prepare_output_dir
-    STARTED, CREATED = True, created
-    if not args.resume:
-        refuse_a_run_in(args)  # (one that has written there since)
-        for f in RUN_FILES:
-            path = os.path.join(args.output_dir, f)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            elif os.path.lexists(path):
-                os.remove(path)
 
 
 # -----------------------------------------------------------------------------
@@ -537,10 +551,10 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1  # how many
 
 
-def launch(args, name, check=check_args):
+def launch(args, name, check, out):
     """Join torchrun's process group (when launched by torchrun), then prepare_output_dir on rank
     0 alone, whose decisions the other ranks take (the run directory; --resume: the saved settings).
-    Rank 0 alone clears an --overwrite'n run too, once every rank has loaded (train(): start_run)."""
+    Rank 0 alone clears an --overwrite'n run too, once every rank has loaded (train(): out.start)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_ADDR" not in os.environ:
         die("WORLD_SIZE is set but no launcher started this process: run it with torchrun --nproc_per_node N "
             "(or unset WORLD_SIZE)")
@@ -552,11 +566,11 @@ def launch(args, name, check=check_args):
         if rank() > 0:
             sys.stdout = open(os.devnull, "w")  # rank 0 alone prints (errors still reach stderr)
     if world() == 1:
-        return prepare_output_dir(args, name, check)
+        return prepare_output_dir(args, name, check, out)
     settings = [None]
     if rank() == 0:
         try:
-            settings = [vars(prepare_output_dir(args, name, check))]
+            settings = [vars(prepare_output_dir(args, name, check, out))]
         finally:  # on an error too: no rank waits for ever
             dist.broadcast_object_list(settings)
     else:
@@ -870,10 +884,15 @@ def build_optimizer(net, args):
 
 
 def save_checkpoint(args, method, optimizer, scheduler, state):
+    """state["logged"]: (loss sum, R sum, steps) since the last log line, this rank's."""
+    loss, orth, n = state["logged"]
+    loss = loss.clone()
     if world() > 1:  # called on every rank: it gathers their dropout streams; rank 0 alone writes
+        dist.all_reduce(loss)  # the global batch's, as log_line() sums it
         state = dict(state, rank_rng=rank_rng())
         if rank() > 0:
             return
+    state["logged"] = (loss.cpu(), orth.cpu(), n)
     out = os.path.join(args.output_dir, "checkpoint")
     tmp, old = out + ".tmp", out + ".old"
     recover_checkpoint(args.output_dir)  # checkpoint.old alone is the last checkpoint: never delete it
@@ -943,9 +962,10 @@ def restore(state, method, optimizer, scheduler):
 
 
 @torch.no_grad()
-def predict(net, dataset, collate, args):
+def predict(net, dataset, collate, args, notes=None):
     """Logits and labels of a whole dataset, as numpy arrays (float32). Under torchrun each rank
-    predicts its slice and every rank gets all of them back."""
+    predicts its slice and every rank gets all of them back. Predictions all alike: a line in
+    `notes` (a list), if given."""
     device = next(net.parameters()).device
     if world() > 1:
         dataset = torch.utils.data.Subset(dataset, np.array_split(np.arange(len(dataset)), world())[rank()])
@@ -970,11 +990,9 @@ def predict(net, dataset, collate, args):
     preds = logits.argmax(-1) if logits.shape[1] > 1 else logits[:, 0]
     if len(preds) > 1 and np.ptp(preds) <= 1e-6 * max(1.0, float(np.abs(preds).max())):
         what = f"class {preds[0]}" if logits.shape[1] > 1 else f"the score {preds[0]:.4g}"
-        COLLAPSED.append(f"all {len(preds)} examples predicted as {what}")
+        if notes is not None:
+            notes.append(f"all {len(preds)} examples predicted as {what}")
     return logits, labels
-
-
-COLLAPSED = []  # predict(): the sets whose predictions were all alike, since train() cleared it
 
 
 def bf16(args, device):
@@ -1099,12 +1117,30 @@ def log_line(args, method, optimizer, t, loss_sum, orth_sum, n, ms):
     return line + f" | rank {sum(method.ranks().values())} | lr {lr_now:.1e} | {ms:.0f} ms/step"
 
 
-def train(args, model, train_set, collate, evaluate, targets, trainable, score_key="score", source=None,
-          processor=None):
+def evaluation(evaluate, net, t, T, steps_per_epoch, divergence):
+    """evaluate(net, notes) at step t, printed: (its record for metrics.json, at T a warning if
+    the predictions were all alike, else None). Non-finite outputs: divergence.fail()."""
+    notes = []
+    try:
+        metrics = evaluate(net, notes)
+    except FloatingPointError as e:  # predict(): non-finite logits
+        divergence.fail(f"{e} at step {t}")
+    divergence.pbar.write(f"eval step {t}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    record = dict(step=t, epoch=round(t / steps_per_epoch, 3), **metrics)
+    if t < T or not notes:
+        return record, None
+    return record, (f"the final evaluation predicts one and the same for every example "
+                     f"({notes[0]}): the model has collapsed, and its metrics mean little; try "
+                     f"another --lr or --lr_scale, or train longer")
+
+
+def train(args, out, model, train_set, collate, evaluate, targets, trainable, score_key="score",
+          source=None, processor=None):
     """Fine-tune `model` with args.method and write every output of the run to args.output_dir.
 
     train_set: a map-style dataset whose items `collate` turns into a batch dict with "labels";
-    evaluate(net) -> {metric: value}, with `score_key` the one that picks the best evaluation;
+    out: the OutputDir of resumable(); evaluate(net, notes) -> {metric: value}, with `score_key`
+    the one that picks the best evaluation (notes: predict's);
     source: {"model": ..., "data": ...}, what was really loaded, for metrics.json;
     processor: the tokenizer or image processor, saved beside the model in merged/.
     Returns metrics.json's content, or None when --stop_after ends the run early (or on ranks > 0).
@@ -1120,7 +1156,7 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
         seed_dropout(args, state)
     ddp = wrap(net, device)  # the forward; net itself for the rest (its parameters are DDP's)
     if rank() == 0:
-        start_run(args)  # everything has loaded: only now is an --overwrite'n run cleared
+        out.start(args)  # everything has loaded: only now is an --overwrite'n run cleared
     if state:
         print(f"resumed at step {start} of {T}")
     initial_ranks = state.get("initial_ranks") or method.ranks()
@@ -1167,25 +1203,14 @@ def train(args, model, train_set, collate, evaluate, targets, trainable, score_k
             divergence.check(t, optimizer)  # a diverged model is never evaluated, checkpointed or saved
         if evaluate_now:  # every eval_every epochs and at the end
             tic = time.time()
-            COLLAPSED.clear()
-            try:
-                metrics = evaluate(net)
-            except FloatingPointError as e:  # predict(): non-finite logits
-                divergence.fail(f"{e} at step {t}")
-            if t == T and COLLAPSED:  # (the checkpoint at T keeps it, for a --resume at T)
-                collapsed = (f"the final evaluation predicts one and the same for every example "
-                             f"({COLLAPSED[0]}): the model has collapsed, and its metrics mean "
-                             f"little; try another --lr or --lr_scale, or train longer")
-            evals.append(dict(step=t, epoch=round(t / steps_per_epoch, 3), **metrics))
-            pbar.write(f"eval step {t}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            record, final = evaluation(evaluate, net, t, T, steps_per_epoch, divergence)
+            evals.append(record)
+            collapsed = final or collapsed  # (the checkpoint at T keeps it, for a --resume at T)
             tick += time.time() - tic  # evaluation does not count as step time
         if checkpoint_now:
-            logged = loss_sum.clone()
-            if world() > 1:
-                dist.all_reduce(logged)  # the global batch's, as log_line() sums it
             save_checkpoint(args, method, optimizer, scheduler, dict(
                 step=t, evals=evals, initial_ranks=initial_ranks,
-                elapsed=elapsed + time.time() - t0, logged=(logged.cpu(), orth_sum.cpu(), n_logged),
+                elapsed=elapsed + time.time() - t0, logged=(loss_sum, orth_sum, n_logged),
                 collapsed=collapsed))
             divergence.last_ckpt = t
         if stop:

@@ -25,31 +25,17 @@ Interrupted? Continue from the last checkpoint (under torchrun: the same torchru
 $ python train_glue.py --resume runs/glue-rte-flexlora-...
 """
 
+import train_common as common  # first: Ctrl-C while it loads torch is one line (train_common)
+
 import argparse
 import csv
 import math
 import os
-import signal
-import sys
 import textwrap
 import warnings
 
-
-def interrupted_while_starting(*_):
-    print("error: interrupted while starting: nothing was written", file=sys.stderr, flush=True)
-    os._exit(130)
-
-
-if __name__ == "__main__":  # Ctrl-C while torch loads: this line, not an abort in torch's C++
-    signal.signal(signal.SIGINT, interrupted_while_starting)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import train_common as common  # noqa: E402
-
-if __name__ == "__main__":  # loaded: Ctrl-C is KeyboardInterrupt again (main: resumable)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+import numpy as np
+import torch
 
 # -----------------------------------------------------------------------------
 # The tasks
@@ -357,12 +343,12 @@ def check_args(args):
 
 def main(argv=None):
     args = get_args(argv)
-    with common.resumable(args):  # Ctrl-C: how to continue, not a traceback (from here to the end)
-        args = common.launch(args, f"glue-{args.task}", check_args)  # --resume: its settings
-        return run(args)
+    with common.resumable(args) as out:  # Ctrl-C: how to continue, not a traceback (from here to the end)
+        args = common.launch(args, f"glue-{args.task}", check_args, out)  # --resume: its settings
+        return run(args, out)
 
 
-def run(args):
+def run(args, out):
     torch.manual_seed(args.seed)  # the head's initialisation (and the smoke model)
     with common.user_errors():  # a file that is not what it should be: one line, exit 2
         data = load_data(args)
@@ -375,14 +361,14 @@ def run(args):
 
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
 
-    def evaluate(net):
+    def evaluate(net, notes):
         metrics = {}
         for suffix, dev in dev_sets.items():
-            logits, labels = common.predict(net, dev, collate, args)
+            logits, labels = common.predict(net, dev, collate, args, notes)
             metrics |= {k + suffix: v for k, v in glue_metrics(args.task, logits, labels).items()}
         metrics["score"] = float(np.mean(list(metrics.values())))  # the GLUE task score
         if held:  # --holdout: the same metrics on training examples kept out of training
-            logits, labels = common.predict(net, held, collate, args)
+            logits, labels = common.predict(net, held, collate, args, notes)
             metrics |= {"holdout_" + k: v for k, v in glue_metrics(args.task, logits, labels).items()}
         return metrics
 
@@ -395,7 +381,7 @@ def run(args):
                         f"{model.config.hidden_size})" if args.smoke else common.where(args.model),
                   data=f"GLUE TSVs in {os.path.abspath(args.data_dir)}" if args.data_dir else
                   "smoke: built-in sentences with marker words" if args.smoke else f"Hub: nyu-mll/glue {args.task}")
-    return common.train(args, model, train_set, collate, evaluate, targets, heads, source=source,
+    return common.train(args, out, model, train_set, collate, evaluate, targets, heads, source=source,
                         processor=tokenizer)
 
 

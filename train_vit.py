@@ -22,28 +22,15 @@ $ python train_vit.py --smoke
 $ torchrun --standalone --nproc_per_node 2 train_vit.py --smoke
 """
 
+import train_common as common  # first: Ctrl-C while it loads torch is one line (train_common)
+
 import argparse
 import os
-import signal
 import sys
 import zipfile
 
-
-def interrupted_while_starting(*_):
-    print("error: interrupted while starting: nothing was written", file=sys.stderr, flush=True)
-    os._exit(130)
-
-
-if __name__ == "__main__":  # Ctrl-C while torch loads: this line, not an abort in torch's C++
-    signal.signal(signal.SIGINT, interrupted_while_starting)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import train_common as common  # noqa: E402
-
-if __name__ == "__main__":  # loaded: Ctrl-C is KeyboardInterrupt again (main: resumable)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+import numpy as np
+import torch
 
 # -----------------------------------------------------------------------------
 # Defaults: VTAB-1k conventions (AdamW, 100 epochs, batch 64, no augmentation); the paper's ViT
@@ -336,13 +323,13 @@ def check_args(args):
 
 def main(argv=None):
     args = get_args(argv)
-    with common.resumable(args):  # Ctrl-C: how to continue, not a traceback (from here to the end)
+    with common.resumable(args) as out:  # Ctrl-C: how to continue, not a traceback (from here to the end)
         args = common.launch(args, "vit-" + ("smoke" if args.smoke else os.path.basename(
-            os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset), check_args)
-        return run(args)
+            os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset), check_args, out)
+        return run(args, out)
 
 
-def run(args):
+def run(args, out):
     torch.manual_seed(args.seed)  # the new head's initialisation (and the smoke model)
     with common.user_errors():  # a file that is not what it should be: one line, exit 2
         data, n_classes = load_data(args)
@@ -359,11 +346,11 @@ def run(args):
         pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
         return {"pixel_values": pixels, "labels": torch.tensor(labels)}
 
-    def evaluate(net):
+    def evaluate(net, notes):
         top1 = lambda logits, labels: float((logits.argmax(-1) == labels).mean())
-        metrics = {"accuracy": top1(*common.predict(net, test_set, collate, args))}
+        metrics = {"accuracy": top1(*common.predict(net, test_set, collate, args, notes))}
         if held:  # --holdout: training images kept out of training
-            metrics["holdout_accuracy"] = top1(*common.predict(net, held, collate, args))
+            metrics["holdout_accuracy"] = top1(*common.predict(net, held, collate, args, notes))
         return metrics
 
     with common.user_errors():
@@ -373,7 +360,7 @@ def run(args):
                         f"{c.image_size}x{c.image_size} images)" if args.smoke else common.where(args.model),
                   data=os.path.abspath(args.data) if args.data else "smoke: built-in coloured squares on noise"
                   if args.smoke else f"Hub: {HUB.get(args.dataset, (args.dataset,))[0]}")
-    return common.train(args, model, train_set, collate, evaluate, targets, ["classifier"],
+    return common.train(args, out, model, train_set, collate, evaluate, targets, ["classifier"],
                         "accuracy", source, processor=processor)
 
 

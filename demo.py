@@ -60,7 +60,8 @@ def train(planted, r0=3, steps=3000, b0=2, t_warmup=200, t_final=600, interval=2
     entropy score, flexlora.RankAllocator) or "gain" (flexlora_gain.GainAllocator)."""
     torch.manual_seed(seed)
     teacher, student = make_problem(planted, d, seed)
-    fl.inject(student, r"mats\.\d+", r=r0, alpha=r0, r_max=r_max)  # the slots: room to grow to r_max
+    # the slots: room to grow to r_max
+    fl.inject(student, r"mats\.\d+", r=r0, alpha=r0, r_max=r_max)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.0)
     if rule == "gain":
@@ -103,7 +104,8 @@ def get_args(argv=None):
     ap.add_argument("--r_max", type=int, default=16,
                     help="slots per adapter: the most rank a matrix can reach")
     ap.add_argument("--rule", default="paper", choices=["paper", "gain"],
-                    help="which matrices move: the paper's entropy score, or flexlora_gain.py's priced moves")
+                    help="which matrices move: the paper's entropy score, "
+                         "or flexlora_gain.py's priced moves")
     return ap.parse_args(argv)
 
 
@@ -113,8 +115,8 @@ if __name__ == "__main__":
 
     t0 = time.time()
     student, alloc, losses = train(args.planted, r0=args.r0, steps=args.steps, b0=args.b0,
-                                   interval=args.interval, seed=args.seed, log_every=args.steps // 15,
-                                   r_max=args.r_max, rule=args.rule)
+                                   interval=args.interval, seed=args.seed,
+                                   log_every=args.steps // 15, r_max=args.r_max, rule=args.rule)
     final = list(fl.rank_pattern(student).values())
     c = fl.churn(alloc.history)
     print(f"\nplanted ranks   {args.planted}  (total {sum(args.planted)})")

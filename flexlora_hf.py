@@ -53,8 +53,9 @@ class FlexLoRACallback(TrainerCallback):
     - checkpoints: on_save writes the allocator's state (generator, history, config), the
       rank pattern and each adapter's settings to <checkpoint>/flexlora_allocator.json. The
       adapters never change shape, so the Trainer's own load_state_dict restores their slots and
-      live masks; the allocator's state is read in on_train_begin from <output_dir>/checkpoint-<step>,
-      or from args.resume_from_checkpoint if set there, and must have the model's r_init and alpha.
+      live masks; the allocator's state is read in on_train_begin from
+      <output_dir>/checkpoint-<step>, or from args.resume_from_checkpoint if set there, and must
+      have the model's r_init and alpha.
     - several processes (torchrun, accelerate launch): the Trainer's DDP wraps the model once;
       every process takes the same decisions from the same all-reduced weights, and
       RankAllocator.step checks that their live slots agree after each allocation.
@@ -62,8 +63,10 @@ class FlexLoRACallback(TrainerCallback):
 
     def __init__(self, model: nn.Module, gamma: float, **allocator_kwargs):
         flexlora.adapters(model, required=True)
-        if not (isinstance(gamma, numbers.Real) and not isinstance(gamma, bool) and 0 <= gamma < math.inf):
-            raise ValueError(f"gamma must be a finite number >= 0 (γ of the loss task + γ·R), got {gamma!r}")
+        if not (isinstance(gamma, numbers.Real) and not isinstance(gamma, bool)
+                and 0 <= gamma < math.inf):
+            raise ValueError(f"gamma must be a finite number >= 0 (γ of the loss task + γ·R), "
+                             f"got {gamma!r}")
         # a bad setting fails here, not at train begin (total_steps is not known before then)
         flexlora.RankAllocator(model, **{"total_steps": 10 ** 9, **allocator_kwargs})
         self.model, self.gamma, self.allocator_kwargs = model, float(gamma), allocator_kwargs
@@ -83,7 +86,8 @@ class FlexLoRACallback(TrainerCallback):
             saved = _read_allocator(args, state.global_step)
             mine = _settings(self.model)
             if saved.get("adapters", mine) != mine:
-                raise ValueError(f"the checkpoint's adapters were {_first_difference(saved['adapters'], mine)}: "
+                raise ValueError("the checkpoint's adapters were "
+                                 f"{_first_difference(saved['adapters'], mine)}: "
                                  "inject the model with the r, alpha and init it was trained with")
             self.allocator.load_state_dict(saved)
         self.grad_accum = args.gradient_accumulation_steps
@@ -92,7 +96,8 @@ class FlexLoRACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         # after optimizer.step(), the LR scheduler and zero_grad; global_step = steps taken
-        self.allocator.step(state.global_step, optimizer)  # rewrites slots and their Adam state in place
+        # rewrites slots and their Adam state in place
+        self.allocator.step(state.global_step, optimizer)
 
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:  # the main process writes
@@ -139,7 +144,8 @@ class FlexLoRACallback(TrainerCallback):
 
 
 def _settings(model) -> dict:
-    # what a checkpoint's tensors do not say: each adapter's r_init, alpha (s = alpha / r_init) and init
+    # what a checkpoint's tensors do not say: each adapter's r_init, alpha (s = alpha / r_init)
+    # and init
     return {n: [m.r_init, m.alpha, m.init] for n, m in flexlora.adapters(model).items()}
 
 
@@ -162,8 +168,8 @@ def _read_allocator(args, step: int) -> dict:
             except ValueError:  # broken JSON, not UTF-8
                 ok = False
             if not ok:
-                raise ValueError(f"{path} is damaged (not the JSON object FlexLoRACallback writes): resume from "
-                                 "an earlier checkpoint, or start again")
+                raise ValueError(f"{path} is damaged (not the JSON object FlexLoRACallback "
+                                 "writes): resume from an earlier checkpoint, or start again")
             if d.get("step") == step:
                 d["generator"] = torch.tensor(d["generator"], dtype=torch.uint8)
                 return d
@@ -193,7 +199,8 @@ def export_peft(model: nn.Module, out_dir: str, **config_kwargs):
 
     layers = flexlora.adapters(model, required=True)
     if not str(out_dir) or os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"export_peft writes a folder: {str(out_dir)!r} is {'empty' if not str(out_dir) else 'a file'}")
+        raise ValueError(f"export_peft writes a folder: {str(out_dir)!r} is "
+                         f"{'empty' if not str(out_dir) else 'a file'}")
     if any(m.merged for m in layers.values()):
         raise ValueError("an adapter is merged: call flexlora.unmerge(model) before export_peft")
     dropouts = {m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0 for m in layers.values()}
@@ -246,7 +253,8 @@ def export_peft(model: nn.Module, out_dir: str, **config_kwargs):
     try:
         os.makedirs(tmp)
         config.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
         os.makedirs(out_dir, exist_ok=True)
         for f in ("adapter_model.safetensors", "adapter_config.json"):
             os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))

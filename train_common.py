@@ -3,13 +3,19 @@ LoRA / AdaLoRA from PEFT at a matched trainable-parameter budget), the one train
 evaluation and checkpoint/resume, and the outputs of a run.
 
 A run directory (--output_dir) ends up holding:
-    metrics.json         config, trainable-parameter counts, every evaluation, final and best, wall time
-    rank_history.json    every rank allocation (FlexLoRA's RankAllocator.history, AdaLoRA's masks)
-    adapter.safetensors  FlexLoRA: adapter + head, for flexlora.load_adapter (PEFT methods: adapter/)
+    metrics.json         config, trainable-parameter counts, every evaluation, final and best,
+                         wall time
+    rank_history.json    every rank allocation (FlexLoRA's RankAllocator.history, AdaLoRA's
+                         masks)
+    adapter.safetensors  FlexLoRA: adapter + head, for flexlora.load_adapter
+                         (PEFT methods: adapter/)
     peft_adapter/        FlexLoRA: the same as a PEFT LoRA adapter, for PeftModel.from_pretrained
-    merged/              with --save_merged: ΔW folded into W, a plain transformers model for serving
-    (ranks.png, rank_history.png: python -m bench.plots RUN_DIR draws them from rank_history.json)
-    checkpoint/          everything --resume needs (adapter, optimizer, LR scheduler, allocator, RNG)
+    merged/              with --save_merged: ΔW folded into W, a plain transformers model for
+                         serving
+    (ranks.png, rank_history.png: python -m bench.plots RUN_DIR draws them from
+     rank_history.json)
+    checkpoint/          everything --resume needs (adapter, optimizer, LR scheduler, allocator,
+                         RNG)
 
 A mistake in the command line or in the files it names ends the run before it touches
 --output_dir, with one line `error: ...` on stderr and exit code 2, as argparse does (die).
@@ -99,7 +105,8 @@ def resumable(args):
     try:
         yield out
     except KeyboardInterrupt:
-        if not out.started:  # nothing written yet: an --overwrite'n or --resume'd run is still whole
+        # nothing written yet: an --overwrite'n or --resume'd run is still whole
+        if not out.started:
             kept = (f"--output_dir {args.output_dir} is as it was" if args.output_dir
                     else "nothing was written")
             die(f"interrupted before the run started: {kept}", code=130)
@@ -141,74 +148,93 @@ def add_common_args(parser):
     g = parser.add_argument_group("flexlora")
     g.add_argument("--method", default="flexlora", choices=["flexlora", "lora", "adalora"],
                    help="lora / adalora: PEFT baselines at FlexLoRA's trainable-parameter count")
-    g.add_argument("--target_modules", help="comma-separated Linear names to adapt (default: found)")
+    g.add_argument("--target_modules",
+                   help="comma-separated Linear names to adapt (default: found)")
     g.add_argument("--r", type=int, help="initial rank of every adapted matrix (FlexLoRA keeps Σr)")
     g.add_argument("--alpha", type=float, help="scale s = alpha / r, fixed for the whole run")
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the adapter input")
     g.add_argument("--b0", type=int, default=4,
-                   help="matrices pruned/expanded at the first allocation (0: none, a fixed-rank run)")
+                   help="matrices pruned/expanded at the first allocation "
+                        "(0: none, a fixed-rank run)")
     g.add_argument("--t_w", type=int, help="warm-up steps before the first allocation")
     g.add_argument("--t_f", type=int, help="final steps without allocations")
     g.add_argument("--delta", type=int, help="Δ: steps between allocations")
     g.add_argument("--rule", default="paper", choices=["paper", "gain"],
-                   help="which matrices move: the paper's entropy score, or flexlora_gain's priced moves")
+                   help="which matrices move: the paper's entropy score, "
+                        "or flexlora_gain's priced moves")
     g.add_argument("--schedule", default="cubic", choices=["cubic", "constant"],
-                   help="b(t): the paper's cubic decay, or constant b0 (the authors' released code)")
+                   help="b(t): the paper's cubic decay, "
+                        "or constant b0 (the authors' released code)")
     g.add_argument("--r_min", type=int, default=1, help="no matrix is pruned below this rank")
     g.add_argument("--r_max", type=int, default=None,
                    help="FlexLoRA's slots per matrix: the most rank it can grow to (default 2·r)")
-    g.add_argument("--gamma", type=float, help="γ: the loss is task + γ·R, R = flexlora.orthogonal_regularizer")
+    g.add_argument("--gamma", type=float,
+                   help="γ: the loss is task + γ·R, R = flexlora.orthogonal_regularizer")
     g.add_argument("--target_r", type=int, default=None,
-                   help="AdaLoRA only: final average rank (default round(2r/3), AdaLoRA's own ratio)")
+                   help="AdaLoRA only: final average rank "
+                        "(default round(2r/3), AdaLoRA's own ratio)")
     # optimizer
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
-    g.add_argument("--gamma_warmup", type=int, default=0, help="steps over which γ ramps up from 0 (0: none)")
+    g.add_argument("--gamma_warmup", type=int, default=0,
+                   help="steps over which γ ramps up from 0 (0: none)")
     g.add_argument("--init", default="lora", choices=["lora", "gaussian", "orthonormal"],
-                   help="FlexLoRA's directions at start (and when added): lora (ours, README Deviations): P = 0, "
-                        "λ = 1, Q ~ N(0, 0.02²), as LoRA's B = 0 (flexlora._fresh); gaussian: P, Q ~ N(0, 0.02²), "
-                        "λ = 0 (the paper; it trains fast with --lambda_lr_ratio 16 --pq_lr_ratio 3); "
-                        "orthonormal: P, Q orthonormal at start, λ = 0")
+                   help="FlexLoRA's directions at start (and when added): "
+                        "lora (ours, README Deviations): P = 0, λ = 1, Q ~ N(0, 0.02²), "
+                        "as LoRA's B = 0 (flexlora._fresh); gaussian: P, Q ~ N(0, 0.02²), "
+                        "λ = 0 (the paper; it trains fast with --lambda_lr_ratio 16 "
+                        "--pq_lr_ratio 3); orthonormal: P, Q orthonormal at start, λ = 0")
     g.add_argument("--lambda_lr_ratio", type=float, default=1.0,
-                   help="FlexLoRA: λ's learning rate / --lr (1: the paper; see flexlora.param_groups); "
+                   help="FlexLoRA: λ's learning rate / --lr "
+                        "(1: the paper; see flexlora.param_groups); "
                         "AdaLoRA: lora_E's (1: PEFT's; train_common.Peft.param_groups)")
     g.add_argument("--pq_lr_ratio", type=float, default=1.0,
-                   help="FlexLoRA: P's and Q's learning rate / --lr (1: the paper); AdaLoRA: lora_A's and lora_B's")
+                   help="FlexLoRA: P's and Q's learning rate / --lr (1: the paper); "
+                        "AdaLoRA: lora_A's and lora_B's")
     g.add_argument("--lr_scale", type=float, default=1.0,
                    help="multiplies the peak learning rate (--lr or the task's default)")
     g.add_argument("--weight_decay", type=float, help="AdamW decay (not on biases and norms)")
     g.add_argument("--batch_size", type=int, default=32, help="examples per optimizer step")
     g.add_argument("--epochs", type=int, help="passes over the training set")
-    g.add_argument("--warmup_ratio", type=float, default=0.06, help="linear LR warm-up, then linear decay")
+    g.add_argument("--warmup_ratio", type=float, default=0.06,
+                   help="linear LR warm-up, then linear decay")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
     # run
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=6, help="model head, data order, new directions (authors': 6)")
+    g.add_argument("--seed", type=int, default=6,
+                   help="model head, data order, new directions (authors': 6)")
     g.add_argument("--output_dir", help="default: runs/<script>-<task>-<method>-<time>")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --output_dir")
-    g.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR, with its settings")
+    g.add_argument("--resume", metavar="DIR",
+                   help="continue the interrupted run in DIR, with its settings")
     g.add_argument("--stop_after", type=int, default=0,
-                   help="stop after this many steps, leaving a checkpoint (simulates an interruption)")
+                   help="stop after this many steps, leaving a checkpoint "
+                        "(simulates an interruption)")
     g.add_argument("--holdout", type=int, default=0,
-                   help="keep this many training examples out of training and score them at each evaluation "
-                        "(holdout_* metrics): choose hyperparameters on them, never on dev")
-    g.add_argument("--eval_every", type=int, default=1, help="epochs between evaluations (and at the end)")
-    g.add_argument("--ckpt_every", type=int, default=0, help="steps between checkpoints (0: at each eval)")
+                   help="keep this many training examples out of training and score them "
+                        "at each evaluation (holdout_* metrics): choose hyperparameters on them, "
+                        "never on dev")
+    g.add_argument("--eval_every", type=int, default=1,
+                   help="epochs between evaluations (and at the end)")
+    g.add_argument("--ckpt_every", type=int, default=0,
+                   help="steps between checkpoints (0: at each eval)")
     g.add_argument("--log_every", type=int, default=50, help="steps between log lines")
     g.add_argument("--eval_batch_size", type=int, default=64, help="examples per evaluation batch")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--no_bf16", action="store_true", help="no bf16 autocast on CUDA")
     g.add_argument("--save_merged", action="store_true",
-                   help="also write merged/: ΔW folded into W, a plain transformers model, with its preprocessor")
-    g.add_argument("--smoke", action="store_true", help="offline: tiny model, built-in data, < 1 min on CPU")
+                   help="also write merged/: ΔW folded into W, a plain transformers model, "
+                        "with its preprocessor")
+    g.add_argument("--smoke", action="store_true",
+                   help="offline: tiny model, built-in data, < 1 min on CPU")
 
 
 # these may differ when a run is resumed; everything else comes from the saved run
 RUN_CONTROL = ("resume", "stop_after", "num_workers", "overwrite")
 # every file and folder a run writes in --output_dir: --overwrite removes these and nothing else
-RUN_FILES = ("metrics.json", "rank_history.json", "adapter.safetensors", "adapter", "peft_adapter", "merged",
-             "ranks.png", "rank_history.png", "checkpoint", "checkpoint.old", "checkpoint.tmp",
-             "metrics.json.tmp", "rank_history.json.tmp")
+RUN_FILES = ("metrics.json", "rank_history.json", "adapter.safetensors", "adapter", "peft_adapter",
+             "merged", "ranks.png", "rank_history.png", "checkpoint", "checkpoint.old",
+             "checkpoint.tmp", "metrics.json.tmp", "rank_history.json.tmp")
 # the settings a run's checkpoint/args.json must hold (a run saved before a flag existed lacks it)
 SAVED = ("method", "r", "lr", "epochs", "batch_size", "seed")
 
@@ -223,26 +249,32 @@ def check_args(args):
 
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    for flag, lo in (("r", 1), ("b0", 0), ("r_min", 1), ("batch_size", 1), ("epochs", 1), ("seed", 0),
-                     ("stop_after", 0), ("eval_every", 1), ("ckpt_every", 0), ("log_every", 1),
-                     ("eval_batch_size", 1), ("num_workers", 0), ("gamma_warmup", 0), ("holdout", 0)):
+    for flag, lo in (("r", 1), ("b0", 0), ("r_min", 1), ("batch_size", 1), ("epochs", 1),
+                     ("seed", 0), ("stop_after", 0), ("eval_every", 1), ("ckpt_every", 0),
+                     ("log_every", 1), ("eval_batch_size", 1), ("num_workers", 0),
+                     ("gamma_warmup", 0), ("holdout", 0)):
         need(flag, lambda v: is_int(v) and v >= lo, f"an integer >= {lo}")
-    for flag, lo in (("t_w", 0), ("t_f", 0), ("delta", 1), ("r_max", 1), ("target_r", 1)):  # None: default
+    # None: default
+    for flag, lo in (("t_w", 0), ("t_f", 0), ("delta", 1), ("r_max", 1), ("target_r", 1)):
         need(flag, lambda v: v is None or is_int(v) and v >= lo, f"an integer >= {lo}")
     for flag in ("alpha", "lr", "lr_scale", "lambda_lr_ratio", "pq_lr_ratio"):
         need(flag, lambda v: is_num(v) and v > 0, "a finite number > 0")
     for flag in ("gamma", "weight_decay", "max_grad_norm"):
         need(flag, lambda v: is_num(v) and v >= 0, "a finite number >= 0 (0: off)")
     need("lora_dropout", lambda v: is_num(v) and 0 <= v < 1, "a probability in [0, 1)")
-    need("warmup_ratio", lambda v: is_num(v) and 0 <= v <= 1, "a fraction of the training steps, in [0, 1]")
+    need("warmup_ratio", lambda v: is_num(v) and 0 <= v <= 1,
+         "a fraction of the training steps, in [0, 1]")
     need("method", lambda v: v in ("flexlora", "lora", "adalora"), "flexlora, lora or adalora")
     need("schedule", lambda v: v in ("cubic", "constant"), "cubic or constant")
-    need("init", lambda v: v in ("gaussian", "orthonormal", "lora"), "gaussian, orthonormal or lora")
+    need("init", lambda v: v in ("gaussian", "orthonormal", "lora"),
+         "gaussian, orthonormal or lora")
     # combinations
     need("r_min", lambda v: v <= args.r, f"<= --r ({args.r}), the rank every matrix starts at")
-    need("r_max", lambda v: v is None or v >= args.r, f">= --r ({args.r}), the rank every matrix starts at")
+    need("r_max", lambda v: v is None or v >= args.r,
+         f">= --r ({args.r}), the rank every matrix starts at")
     if args.method == "adalora":
-        need("target_r", lambda v: v is None or v <= args.r, f"<= --r ({args.r}): AdaLoRA masks rank away")
+        need("target_r", lambda v: v is None or v <= args.r,
+             f"<= --r ({args.r}): AdaLoRA masks rank away")
     if args.target_modules is not None:
         need("target_modules", lambda v: isinstance(v, str) and all(v.split(",")),
              "comma-separated module names, none empty")
@@ -255,8 +287,9 @@ def recover_checkpoint(out_dir):
     if not os.path.exists(ckpt) and os.path.isdir(ckpt + ".old"):
         os.replace(ckpt + ".old", ckpt)
         print(f"note: recovered {ckpt} from {ckpt}.old (a run stopped while saving its checkpoint)")
-    elif os.path.isdir(ckpt) and os.path.lexists(ckpt + ".old"):  # stopped while removing the old one:
-        shutil.rmtree(ckpt + ".old", ignore_errors=True)  # checkpoint/ is complete (it was swapped in)
+    elif os.path.isdir(ckpt) and os.path.lexists(ckpt + ".old"):
+        # stopped while removing the old one: checkpoint/ is complete (it was swapped in)
+        shutil.rmtree(ckpt + ".old", ignore_errors=True)
 
 
 class OutputDir:
@@ -328,8 +361,8 @@ def prepare_output_dir(args, name, check=check_args, out=None):
             die(f"--resume {args.resume}: no such directory")
         out.hold(args.resume)  # before anything is read or renamed there
         if os.path.exists(os.path.join(args.resume, "metrics.json")):
-            die(f"--resume {args.resume}: that run has finished (metrics.json is there): nothing to continue; "
-                f"start a new run, or --overwrite it")
+            die(f"--resume {args.resume}: that run has finished (metrics.json is there): "
+                f"nothing to continue; start a new run, or --overwrite it")
         recover_checkpoint(args.resume)
         saved = os.path.join(args.resume, "checkpoint", "args.json")
         if not os.path.exists(saved):
@@ -342,27 +375,32 @@ def prepare_output_dir(args, name, check=check_args, out=None):
         if isinstance(config, dict) and set(config) - set(vars(args)):
             unknown = sorted(set(config) - set(vars(args)))[:3]
             config = f"settings {unknown} unknown to this script (a run of the other script?)"
-        elif not isinstance(config, (dict, str)) or isinstance(config, dict) and not set(SAVED) <= set(config):
+        elif (not isinstance(config, (dict, str))
+              or isinstance(config, dict) and not set(SAVED) <= set(config)):
             config = "not a run's settings"
         if isinstance(config, str):  # what is wrong with it
-            die(f"--resume {args.resume}: {saved}: {config}; this run cannot continue: start it again "
-                f"with --output_dir {args.resume} --overwrite")
+            die(f"--resume {args.resume}: {saved}: {config}; this run cannot continue: "
+                f"start it again with --output_dir {args.resume} --overwrite")
         print(f"resuming {args.resume} with its saved settings (other flags are ignored)")
         config.update({k: getattr(args, k) for k in RUN_CONTROL})
-        config["save_merged"] = config.get("save_merged") or args.save_merged  # may be added on resume
+        # may be added on resume
+        config["save_merged"] = config.get("save_merged") or args.save_merged
         config["output_dir"] = args.resume
         vars(args).update(config)
         check(args)
         return args
     check(args)
-    if args.output_dir is None:  # to the microsecond and the process: two runs started at once never share it
-        stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() // 1000 % 10 ** 6:06d}-{os.getpid()}"
+    if args.output_dir is None:
+        # to the microsecond and the process: two runs started at once never share it
+        stamp = (time.strftime("%Y%m%d-%H%M%S")
+                 + f"-{time.time_ns() // 1000 % 10 ** 6:06d}-{os.getpid()}")
         args.output_dir = os.path.join("runs", f"{name}-{args.method}-{stamp}")
     parent = os.path.abspath(args.output_dir)
     while not os.path.exists(parent):  # the folder, or the nearest one above it that exists
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        die(f"--output_dir {args.output_dir}: {parent} is {'not writable' if os.path.isdir(parent) else 'a file'}")
+        die(f"--output_dir {args.output_dir}: {parent} is "
+            f"{'not writable' if os.path.isdir(parent) else 'a file'}")
     if os.path.isdir(args.output_dir):  # (a new folder is locked when out.start() creates it)
         out.hold(args.output_dir)
     refuse_a_run_in(args)
@@ -372,8 +410,8 @@ def prepare_output_dir(args, name, check=check_args, out=None):
 def refuse_a_run_in(args):
     held = [f for f in RUN_FILES if os.path.lexists(os.path.join(args.output_dir, f))]
     if held and not args.overwrite:
-        die(f"--output_dir {args.output_dir} already holds a run ({', '.join(held)}): pass --overwrite "
-            f"to replace it, or --resume {args.output_dir} to continue it")
+        die(f"--output_dir {args.output_dir} already holds a run ({', '.join(held)}): "
+            f"pass --overwrite to replace it, or --resume {args.output_dir} to continue it")
 
 
 # -----------------------------------------------------------------------------
@@ -401,7 +439,8 @@ def _probe(endpoint):
         pass  # it answered
     except (OSError, ValueError) as e:  # no network, no DNS, refused, timed out
         reason = getattr(e, "reason", e)
-        if not isinstance(reason, ssl.SSLError):  # (a TLS problem: it answered; the Hub client decides)
+        # (a TLS problem: it answered; the Hub client decides)
+        if not isinstance(reason, ssl.SSLError):
             return f"{endpoint} cannot be reached ({reason})"
     return None
 
@@ -410,8 +449,8 @@ def need_hub(what, instead):
     """die() at once, saying what to do, when `what` must come from an unreachable Hub."""
     why = hub_unreachable()
     if why:
-        die(f"{what} is on the Hugging Face Hub, and {why}. {instead}; or, if it is in your Hugging "
-            f"Face cache, set HF_HUB_OFFLINE=1 to load it from there")
+        die(f"{what} is on the Hugging Face Hub, and {why}. {instead}; or, if it is in your "
+            f"Hugging Face cache, set HF_HUB_OFFLINE=1 to load it from there")
 
 
 def where(name):
@@ -423,22 +462,25 @@ def from_pretrained(cls, name, flag="--model", head=None, **kwargs):
     """cls.from_pretrained(name, ...), with one clear line when the path, the Hub or the checkpoint
     is not what is needed. head: the module names of a model's task head, new when fine-tuning: in
     place of transformers' table of the weights it did not load, a line (report_loading)."""
-    if not os.path.exists(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
-        die(f"{flag} {name}: no such local directory (a local checkpoint is a folder with config.json "
-            f"and the weights, e.g. written by save_pretrained)")
+    if not os.path.exists(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1
+                                     or "\\" in name):
+        die(f"{flag} {name}: no such local directory (a local checkpoint is a folder "
+            f"with config.json and the weights, e.g. written by save_pretrained)")
     if not os.path.exists(name):
-        need_hub(f"{flag} {name}", f"Pass {flag} PATH to a local checkpoint, or --smoke for the built-in tiny model")
+        need_hub(f"{flag} {name}",
+                 f"Pass {flag} PATH to a local checkpoint, or --smoke for the built-in tiny model")
     try:
         if head is None:
             return cls.from_pretrained(name, **kwargs)
         with quiet_load_report():
             model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
-    except Exception as e:  # OSError (missing files), ValueError (e.g. a ViT given to a text script), ...
+    except Exception as e:
+        # OSError (missing files), ValueError (e.g. a ViT given to a text script), ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if os.path.exists(name):
             die(f"{flag} {name}: {cls.__name__} could not load this local folder ({first})")
-        die(f"{flag} {name}: could not load this Hugging Face Hub model ({first}). Pass {flag} PATH to a local "
-            f"checkpoint, or --smoke for the built-in tiny model")
+        die(f"{flag} {name}: could not load this Hugging Face Hub model ({first}). "
+            f"Pass {flag} PATH to a local checkpoint, or --smoke for the built-in tiny model")
     report_loading(f"{flag} {name}", info, head)
     return model
 
@@ -487,45 +529,51 @@ def report_loading(what, info, head):
 
 
 def fit_window(args, total_steps):
-    """Short runs: shrink t_w and t_f proportionally so that allocations still happen. Δ stays the task's
-    (lowered only to leave room for one allocation): a direction added at zero needs some steps to grow before
-    it is scored again, and with Δ shrunk to 1 most new ones were pruned at the very next step."""
+    """Short runs: shrink t_w and t_f proportionally so that allocations still happen. Δ stays the
+    task's (lowered only to leave room for one allocation): a direction added at zero needs some
+    steps to grow before it is scored again, and with Δ shrunk to 1 most new ones were pruned at
+    the very next step."""
     t_w, t_f, delta = args.t_w, args.t_f, args.delta
     if t_w + t_f + delta <= total_steps:
         return
     if t_w + t_f >= total_steps:
-        # keep t_w : t_f and let the two phases take 60% of the run (60-70% in the paper's GLUE runs)
+        # keep t_w : t_f and let the two phases take 60% of the run
+        # (60-70% in the paper's GLUE runs)
         f = 0.6 * total_steps / (t_w + t_f)
         args.t_w, args.t_f = round(t_w * f), round(t_f * f)
-    args.delta = max(1, min(args.delta, total_steps - args.t_w - args.t_f))  # room for one allocation
+    # room for one allocation
+    args.delta = max(1, min(args.delta, total_steps - args.t_w - args.t_f))
     if args.t_w + args.t_f + args.delta > total_steps:
         raise ValueError(f"{total_steps} training steps are too few for any rank allocation: "
                          f"train longer (--epochs, --max_train_samples) or lower --batch_size")
-    print(f"note: the allocation window t_w {t_w}, t_f {t_f}, Δ {delta} does not fit in {total_steps} "
-          f"steps; scaled to t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}")
+    print(f"note: the allocation window t_w {t_w}, t_f {t_f}, Δ {delta} does not fit in "
+          f"{total_steps} steps; scaled to t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}")
 
 
 def allocation_steps(args, total_steps):
-    """The steps at which FlexLoRA's RankAllocator will move rank: every Δ steps after t_w where b(t) > 0."""
+    """The steps at which FlexLoRA's RankAllocator will move rank: every Δ steps after t_w where
+    b(t) > 0."""
     return [t for t in range(args.t_w + args.delta, total_steps - args.t_f + 1, args.delta)
             if flexlora.budget(t, args.b0, args.t_w, args.t_f, total_steps, args.schedule) > 0]
 
 
 def fit_delta(args, total_steps):
-    """FlexLoRA in a short run: the cubic b(t) rounds to 0 late in the window, so a large Δ may leave no
-    allocation that moves rank. Then lower Δ to the largest that leaves one; if none does, die():
-    the run would silently be LoRA at a fixed rank (--b0 0 asks for that on purpose)."""
+    """FlexLoRA in a short run: the cubic b(t) rounds to 0 late in the window, so a large Δ may
+    leave no allocation that moves rank. Then lower Δ to the largest that leaves one; if none
+    does, die(): the run would silently be LoRA at a fixed rank (--b0 0 asks for that on
+    purpose)."""
     if args.b0 == 0 or allocation_steps(args, total_steps):
         return
     for delta in range(args.delta - 1, 0, -1):
         if allocation_steps(argparse.Namespace(**{**vars(args), "delta": delta}), total_steps):
-            print(f"note: with Δ {args.delta}, b(t) is 0 at every allocation step of these {total_steps} steps; "
-                  f"Δ lowered to {delta}")
+            print(f"note: with Δ {args.delta}, b(t) is 0 at every allocation step of these "
+                  f"{total_steps} steps; Δ lowered to {delta}")
             args.delta = delta
             return
-    die(f"FlexLoRA's schedule allows no rank allocation in these {total_steps} steps (t_w {args.t_w}, "
-        f"t_f {args.t_f}, b0 {args.b0}, {args.schedule} b(t)): it would be a fixed-rank run. Raise --b0, "
-        f"lower --t_w or --t_f, train longer, or pass --b0 0 for a fixed-rank run on purpose")
+    die(f"FlexLoRA's schedule allows no rank allocation in these {total_steps} steps "
+        f"(t_w {args.t_w}, t_f {args.t_f}, b0 {args.b0}, {args.schedule} b(t)): "
+        f"it would be a fixed-rank run. Raise --b0, lower --t_w or --t_f, train longer, "
+        f"or pass --b0 0 for a fixed-rank run on purpose")
 
 
 # -----------------------------------------------------------------------------
@@ -535,8 +583,8 @@ def fit_delta(args, total_steps):
 # (an allocation rewrites slots in place), so DDP's all-reduce of the gradients holds across every
 # allocation. Every rank then takes the same optimizer step and the same allocation (RankAllocator
 # draws new directions from its own seeded generator, and checks that the processes' live slots
-# agree; AdaLoRA scores the all-reduced gradients). forward_sync_buffers=False: a live mask that differed
-# between processes would be a bug to see, not one for rank 0's copy to paper over.
+# agree; AdaLoRA scores the all-reduced gradients). forward_sync_buffers=False: a live mask that
+# differed between processes would be a bug to see, not one for rank 0's copy to paper over.
 #
 # --batch_size is the global batch: at each step the N ranks split the same seeded batch, so N
 # processes compute what one does with the whole batch (up to float rounding and the dropout
@@ -554,10 +602,11 @@ def world() -> int:
 def launch(args, name, check, out):
     """Join torchrun's process group (when launched by torchrun), then prepare_output_dir on rank
     0 alone, whose decisions the other ranks take (the run directory; --resume: the saved settings).
-    Rank 0 alone clears an --overwrite'n run too, once every rank has loaded (train(): out.start)."""
+    Rank 0 alone clears an --overwrite'n run too, once every rank has loaded
+    (train(): out.start)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_ADDR" not in os.environ:
-        die("WORLD_SIZE is set but no launcher started this process: run it with torchrun --nproc_per_node N "
-            "(or unset WORLD_SIZE)")
+        die("WORLD_SIZE is set but no launcher started this process: "
+            "run it with torchrun --nproc_per_node N (or unset WORLD_SIZE)")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -585,16 +634,18 @@ def launch(args, name, check, out):
 
 
 def wrap(net, device):
-    """net in DistributedDataParallel under torchrun (which starts every rank from rank 0's weights),
-    else net itself."""
+    """net in DistributedDataParallel under torchrun (which starts every rank from rank 0's
+    weights), else net itself."""
     if world() == 1:
         return net
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, forward_sync_buffers=False)
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids,
+                                                     forward_sync_buffers=False)
 
 
 def seed_dropout(args, state):
-    """Under torchrun, each rank its own dropout stream: seed + rank, or the one its checkpoint saved."""
+    """Under torchrun, each rank its own dropout stream: seed + rank, or the one its checkpoint
+    saved."""
     streams = state.get("rank_rng") or []
     if len(streams) == world():
         cpu, cuda = streams[rank()]
@@ -603,13 +654,15 @@ def seed_dropout(args, state):
             torch.cuda.set_rng_state(cuda)
     else:
         if state:
-            print(f"note: the checkpoint holds no dropout streams for {world()} processes: fresh ones")
+            print(f"note: the checkpoint holds no dropout streams for {world()} processes: "
+                  f"fresh ones")
         torch.manual_seed(args.seed + rank())
 
 
 def rank_rng():
     """Every rank's RNG state (its dropout stream), gathered on every rank, for a checkpoint."""
-    mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    mine = (torch.get_rng_state(),
+            torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
     streams = [None] * world()
     dist.all_gather_object(streams, mine)
     return streams
@@ -630,8 +683,8 @@ def find_targets(model, candidates, override=None):
     if override:
         missing = [t for t in override.split(",") if not any(flexlora.matches(n, t) for n in names)]
         if missing:
-            raise ValueError(f"--target_modules: no Linear layer of this model matches {', '.join(missing)}; "
-                             f"its Linear layers are {known}")
+            raise ValueError(f"--target_modules: no Linear layer of this model matches "
+                             f"{', '.join(missing)}; its Linear layers are {known}")
         return override.split(",")
     for targets in candidates:
         if all(any(flexlora.matches(n, t) for n in names) for t in targets):
@@ -648,7 +701,8 @@ def hold_out(train_set, args):
     if not 0 < args.holdout < len(train_set):
         die(f"--holdout {args.holdout}: give fewer examples than the {len(train_set)} of training")
     order = np.random.default_rng(0).permutation(len(train_set)).tolist()
-    return [train_set[i] for i in order[args.holdout:]], [train_set[i] for i in order[:args.holdout]]
+    return ([train_set[i] for i in order[args.holdout:]],
+            [train_set[i] for i in order[:args.holdout]])
 
 
 def count(params):
@@ -659,26 +713,30 @@ class FlexLoRA:
     """flexlora.py in the loop: the model itself, its regulariser and its RankAllocator."""
 
     def __init__(self, model, args, targets, trainable, total_steps):
-        flexlora.inject(model, targets, r=args.r, alpha=args.alpha, dropout=args.lora_dropout, trainable=trainable,
-                        init="lora" if args.init == "lora" else "gaussian", r_max=args.r_max)
+        flexlora.inject(model, targets, r=args.r, alpha=args.alpha, dropout=args.lora_dropout,
+                        trainable=trainable, init="lora" if args.init == "lora" else "gaussian",
+                        r_max=args.r_max)
         self.net = model
         rule = flexlora.RankAllocator
-        if getattr(args, "rule", "paper") == "gain":  # (older checkpoints' args have no --rule)
+        # (older checkpoints' args have no --rule)
+        if getattr(args, "rule", "paper") == "gain":
             from flexlora_gain import GainAllocator as rule
-        self.allocator = rule(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f, total_steps=total_steps,
-                              interval=args.delta, r_min=args.r_min, r_max=args.r_max, seed=args.seed,
-                              schedule=args.schedule)
+        self.allocator = rule(model, b0=args.b0, t_warmup=args.t_w, t_final=args.t_f,
+                              total_steps=total_steps, interval=args.delta, r_min=args.r_min,
+                              r_max=args.r_max, seed=args.seed, schedule=args.schedule)
         if args.init == "orthonormal":  # P, Q start orthonormal, R's minimum (paper: N(0, σ²))
             gen = torch.Generator().manual_seed(args.seed)
             with torch.no_grad():
                 for m in flexlora.adapters(model).values():  # the live slots, 0 .. r - 1
                     (d_out, d_in), r = m.base.weight.shape, m.r
-                    m.P[:, :r] = torch.linalg.qr(torch.randn(d_out, r, generator=gen))[0]  # (d_out, r)
+                    # (d_out, r)
+                    m.P[:, :r] = torch.linalg.qr(torch.randn(d_out, r, generator=gen))[0]
                     m.Q[:r] = torch.linalg.qr(torch.randn(d_in, r, generator=gen))[0].T  # (r, d_in)
         K = len(flexlora.adapters(model))
-        print(f"flexlora: {K} matrices, r = {args.r} (total rank {args.r * K}), alpha {args.alpha:g} "
-              f"(s = {args.alpha / args.r:.3g}), b0 {args.b0}, t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, "
-              f"{args.schedule} b(t), γ {args.gamma:g}")
+        print(f"flexlora: {K} matrices, r = {args.r} (total rank {args.r * K}), "
+              f"alpha {args.alpha:g} (s = {args.alpha / args.r:.3g}), b0 {args.b0}, "
+              f"t_w {args.t_w}, t_f {args.t_f}, Δ {args.delta}, {args.schedule} b(t), "
+              f"γ {args.gamma:g}")
 
     @property
     def history(self):
@@ -692,7 +750,8 @@ class FlexLoRA:
 
     def budget(self, t):
         c = self.allocator.config
-        return flexlora.budget(t, c["b0"], c["t_warmup"], c["t_final"], c["total_steps"], c["schedule"])
+        return flexlora.budget(t, c["b0"], c["t_warmup"], c["t_final"], c["total_steps"],
+                               c["schedule"])
 
     def ranks(self):
         return flexlora.rank_pattern(self.net)
@@ -713,7 +772,8 @@ class FlexLoRA:
         import flexlora_hf
 
         flexlora.save_adapter(self.net, os.path.join(out_dir, "adapter.safetensors"))
-        # the same adapter as a PEFT LoRA one (exact: lora_A = Q, lora_B = P diag(λ), per-module ranks)
+        # the same adapter as a PEFT LoRA one
+        # (exact: lora_A = Q, lora_B = P diag(λ), per-module ranks)
         task = "SEQ_CLS" if type(self.net).__name__.endswith("ForSequenceClassification") else None
         flexlora_hf.export_peft(self.net, os.path.join(out_dir, "peft_adapter"), task_type=task,
                                 base_model_name_or_path=self.net.config.name_or_path or None)
@@ -736,24 +796,29 @@ class Peft:
         if not self.adalora:
             # the integer LoRA rank whose r·Σ(d_in + d_out) comes closest to FlexLoRA's count
             r_lora = max(1, round(counts["flexlora_adapter"] / sum_d))
-            config = peft.LoraConfig(r=r_lora, lora_alpha=args.alpha, lora_dropout=args.lora_dropout,
-                                     target_modules=targets, modules_to_save=list(trainable))
+            config = peft.LoraConfig(r=r_lora, lora_alpha=args.alpha,
+                                     lora_dropout=args.lora_dropout, target_modules=targets,
+                                     modules_to_save=list(trainable))
             counts.update(lora_r=r_lora)
             print(f"lora (PEFT): {counts['matrices']} matrices, r = {r_lora}, alpha {args.alpha:g}")
         else:
-            # AdaLoRA's P, Λ, Q have FlexLoRA's shapes: init_r = r matches the count exactly; it then
-            # masks down to target_r on average (default 2/3 of r, AdaLoRA's 1.5 init/target ratio)
+            # AdaLoRA's P, Λ, Q have FlexLoRA's shapes: init_r = r matches the count exactly;
+            # it then masks down to target_r on average
+            # (default 2/3 of r, AdaLoRA's 1.5 init/target ratio)
             target_r = args.target_r or max(1, round(2 * args.r / 3))
             config = peft.AdaLoraConfig(init_r=args.r, target_r=target_r, lora_alpha=args.alpha,
                                         lora_dropout=args.lora_dropout, target_modules=targets,
-                                        modules_to_save=list(trainable), tinit=args.t_w, tfinal=args.t_f,
-                                        deltaT=args.delta, total_step=total_steps,
-                                        orth_reg_weight=2 * args.gamma)  # PEFT's R: a mean over 2K factors
+                                        modules_to_save=list(trainable), tinit=args.t_w,
+                                        tfinal=args.t_f, deltaT=args.delta, total_step=total_steps,
+                                        # PEFT's R: a mean over 2K factors
+                                        orth_reg_weight=2 * args.gamma)
             counts.update(init_r=args.r, target_r=target_r)
-            print(f"adalora (PEFT): {counts['matrices']} matrices, init_r {args.r} -> target_r {target_r}, "
-                  f"alpha {args.alpha:g}, tinit {args.t_w}, tfinal {args.t_f}, deltaT {args.delta}, γ {args.gamma:g}"
-                  f" (masks may change in steps {args.t_w + 1}-{total_steps - args.t_f} of {total_steps}); lr × "
-                  f"{args.lambda_lr_ratio:g} on lora_E, × {args.pq_lr_ratio:g} on lora_A, lora_B")
+            print(f"adalora (PEFT): {counts['matrices']} matrices, "
+                  f"init_r {args.r} -> target_r {target_r}, alpha {args.alpha:g}, "
+                  f"tinit {args.t_w}, tfinal {args.t_f}, deltaT {args.delta}, γ {args.gamma:g} "
+                  f"(masks may change in steps {args.t_w + 1}-{total_steps - args.t_f} of "
+                  f"{total_steps}); lr × {args.lambda_lr_ratio:g} on lora_E, "
+                  f"× {args.pq_lr_ratio:g} on lora_A, lora_B")
         self.saved = peft.get_peft_model(model, config)
         self.net = self.saved.base_model
         self.history = []  # AdaLoRA's masks, each time they change
@@ -761,10 +826,11 @@ class Peft:
     @staticmethod
     def param_groups(net, lr, lambda_lr_ratio=1.0, pq_lr_ratio=1.0):
         """AdaLoRA's optimizer groups, as flexlora.param_groups makes FlexLoRA's: lora_E (its λ) at
-        lambda_lr_ratio · lr, lora_A and lora_B (its Q, P) at pq_lr_ratio · lr, the rest (the head) at lr.
-        1 and 1 (the defaults) are one lr, as in PEFT and the AdaLoRA paper. Deviation (ours) otherwise: from
-        AdaLoRA's start (E = 0, A, B ~ N(0, 0.02²)) ΔW grows ~14x more slowly than LoRA's at one lr, the
-        saddle of FlexLoRA's --init gaussian (bench/README.md, "The AdaLoRA baseline")."""
+        lambda_lr_ratio · lr, lora_A and lora_B (its Q, P) at pq_lr_ratio · lr, the rest (the head)
+        at lr. 1 and 1 (the defaults) are one lr, as in PEFT and the AdaLoRA paper. Deviation (ours)
+        otherwise: from AdaLoRA's start (E = 0, A, B ~ N(0, 0.02²)) ΔW grows ~14x more slowly than
+        LoRA's at one lr, the saddle of FlexLoRA's --init gaussian (bench/README.md, "The AdaLoRA
+        baseline")."""
         rate = {"lora_E": lambda_lr_ratio, "lora_A": pq_lr_ratio, "lora_B": pq_lr_ratio}
         groups = {}
         for n, p in net.named_parameters():
@@ -785,11 +851,13 @@ class Peft:
                 self.history.append(dict(step=t, total=sum(ranks.values()), ranks=ranks))
 
     def ranks(self):
-        """{module name: rank}, names as in the unwrapped model; AdaLoRA: directions left unmasked."""
+        """{module name: rank}, names as in the unwrapped model; AdaLoRA: directions left
+        unmasked."""
         import peft
 
         model = self.net.model
-        ranks = {n: m.r["default"] for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+        ranks = {n: m.r["default"] for n, m in model.named_modules()
+                 if isinstance(m, peft.tuners.lora.LoraLayer)}
         pattern = self.net.peft_config["default"].rank_pattern if self.adalora else None
         for key, mask in (pattern or {}).items():
             ranks[key.replace(".lora_E.default", "")] = int(sum(mask))
@@ -814,7 +882,8 @@ class Peft:
     def save_weights(self, path):
         from safetensors.torch import save_file
 
-        save_file({n: p.detach().contiguous() for n, p in self.net.named_parameters() if p.requires_grad}, path)
+        save_file({n: p.detach().contiguous() for n, p in self.net.named_parameters()
+                   if p.requires_grad}, path)
 
     def load_weights(self, path):
         from safetensors.torch import load_file
@@ -838,7 +907,8 @@ class Peft:
 
 
 def setup_method(model, args, targets, trainable, total_steps):
-    """Adapt `model` with args.method at FlexLoRA's trainable-parameter count. Returns (method, counts)."""
+    """Adapt `model` with args.method at FlexLoRA's trainable-parameter count.
+    Returns (method, counts)."""
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                and any(flexlora.matches(n, t) for t in targets)]
     K, r = len(linears), args.r
@@ -852,11 +922,15 @@ def setup_method(model, args, targets, trainable, total_steps):
     params = [(n, p) for n, p in method.net.named_parameters() if p.requires_grad]
     adapter = count(p for n, p in params if re.search(r"(lora_[ABE]|\.P|\.Lambda|\.Q)(\.|$)", n))
     head = count(p for _, p in params) - adapter
-    if args.method == "flexlora":  # the live directions (the budget), not the r_max slots (the memory)
+    if args.method == "flexlora":
+        # the live directions (the budget), not the r_max slots (the memory)
         counts["adapter_slots"] = adapter
-        adapter = sum(m.r * (m.P.shape[0] + m.Q.shape[1] + 1) for m in flexlora.adapters(method.net).values())
-    counts.update(adapter=adapter, head=head, trainable=adapter + head, total=count(method.net.parameters()))
-    print(f"trainable parameters: adapters {adapter:,} + head {counts['head']:,} = {counts['trainable']:,} "
+        adapter = sum(m.r * (m.P.shape[0] + m.Q.shape[1] + 1)
+                      for m in flexlora.adapters(method.net).values())
+    counts.update(adapter=adapter, head=head, trainable=adapter + head,
+                  total=count(method.net.parameters()))
+    print(f"trainable parameters: adapters {adapter:,} + head {counts['head']:,} "
+          f"= {counts['trainable']:,} "
           f"({100 * counts['trainable'] / counts['total']:.2f}% of {counts['total'] / 1e6:.1f}M); "
           f"FlexLoRA's adapters at r = {r}: {counts['flexlora_adapter']:,}")
     return method, counts
@@ -868,10 +942,12 @@ def gamma_at(args, t):
 
 
 def build_optimizer(net, args):
-    # AdamW; FlexLoRA's λ, P, Q at their --*_lr_ratio × lr; no decay on biases and norms (as HF's Trainer)
+    # AdamW; FlexLoRA's λ, P, Q at their --*_lr_ratio × lr; no decay on biases and norms
+    # (as HF's Trainer)
     no_decay = {id(p) for n, p in net.named_parameters() if "bias" in n or "norm" in n.lower()}
     groups = []
-    groups_of = Peft.param_groups if args.method == "adalora" else flexlora.param_groups  # AdaLoRA: its E, A, B
+    # AdaLoRA: its E, A, B
+    groups_of = Peft.param_groups if args.method == "adalora" else flexlora.param_groups
     for g in groups_of(net, args.lr * args.lr_scale, args.lambda_lr_ratio, args.pq_lr_ratio):
         for decay in (True, False):
             params = [p for p in g["params"] if (id(p) not in no_decay) == decay]
@@ -895,10 +971,11 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
     state["logged"] = (loss.cpu(), orth.cpu(), n)
     out = os.path.join(args.output_dir, "checkpoint")
     tmp, old = out + ".tmp", out + ".old"
-    recover_checkpoint(args.output_dir)  # checkpoint.old alone is the last checkpoint: never delete it
+    # checkpoint.old alone is the last checkpoint: never delete it
+    recover_checkpoint(args.output_dir)
     shutil.rmtree(tmp, ignore_errors=True)
-    state = dict(state, **method.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                 rng=torch.get_rng_state(),
+    state = dict(state, **method.state_dict(), optimizer=optimizer.state_dict(),
+                 scheduler=scheduler.state_dict(), rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     try:
         os.makedirs(tmp)
@@ -906,13 +983,16 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
         torch.save(state, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-    except (OSError, RuntimeError) as e:  # a full disk (torch.save's zip writer raises RuntimeError): keep the last
+    except (OSError, RuntimeError) as e:
+        # a full disk (torch.save's zip writer raises RuntimeError): keep the last
         shutil.rmtree(tmp, ignore_errors=True)
-        last = (f"continue from its last checkpoint with --resume {args.output_dir}" if os.path.isdir(out)
-                else "start it again with --overwrite")
+        last = (f"continue from its last checkpoint with --resume {args.output_dir}"
+                if os.path.isdir(out) else "start it again with --overwrite")
         why = getattr(e, "strerror", None) or str(e).strip()[:200]
-        die(f"could not write a checkpoint in {args.output_dir} ({why}): make room, then {last}", code=1)
-    # the swap: a crash between the two renames leaves checkpoint.old, which recover_checkpoint() puts back
+        die(f"could not write a checkpoint in {args.output_dir} ({why}): make room, then {last}",
+            code=1)
+    # the swap: a crash between the two renames leaves checkpoint.old, which recover_checkpoint()
+    # puts back
     if os.path.exists(out):
         os.replace(out, old)
     os.replace(tmp, out)
@@ -924,20 +1004,23 @@ def load_checkpoint(args, method):
     state. A damaged or foreign checkpoint: die(), naming the file."""
     ckpt = os.path.join(args.output_dir, "checkpoint")
     files = [os.path.join(ckpt, f) for f in ("state.pt", "adapter.safetensors")]
-    again = f"this run cannot continue: start it again with --output_dir {args.output_dir} --overwrite"
+    again = (f"this run cannot continue: start it again with --output_dir {args.output_dir} "
+             f"--overwrite")
     for f in files:
         if not os.path.isfile(f):
             die(f"--resume {args.output_dir}: {f} is missing; {again}")
     try:  # tensors and plain containers only (weights_only): a checkpoint never needs more
         state = torch.load(files[0], weights_only=True)
-    except Exception as e:  # truncated (RuntimeError, EOFError), or not a torch.save() file (UnpicklingError)
-        die(f"--resume {args.output_dir}: {files[0]} is damaged or not a checkpoint of these scripts "
-            f"({type(e).__name__}); {again}")
+    except Exception as e:
+        # truncated (RuntimeError, EOFError), or not a torch.save() file (UnpicklingError)
+        die(f"--resume {args.output_dir}: {files[0]} is damaged or not a checkpoint of these "
+            f"scripts ({type(e).__name__}); {again}")
     need = {"step", "evals", "optimizer", "scheduler", "rng", "cuda_rng"}
     if not isinstance(state, dict) or not need <= set(state):
         die(f"--resume {args.output_dir}: {files[0]} is not a checkpoint of these scripts; {again}")
     try:
-        method.load_weights(files[1])  # flexlora.load_adapter checks all of the file before changing anything
+        # flexlora.load_adapter checks all of the file before changing anything
+        method.load_weights(files[1])
     except ValueError as e:
         die(f"--resume {args.output_dir}: {e}; {again}")
     return state
@@ -954,7 +1037,8 @@ def restore(state, method, optimizer, scheduler):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:  # another version's or run's state
         raise ValueError(f"the checkpoint's state does not fit this run ({type(e).__name__}: "
-                         f"{str(e).strip()[:200]}); was it written by another version of these scripts?") from None
+                         f"{str(e).strip()[:200]}); was it written by another version of these "
+                         f"scripts?") from None
 
 
 # -----------------------------------------------------------------------------
@@ -968,10 +1052,12 @@ def predict(net, dataset, collate, args, notes=None):
     `notes` (a list), if given."""
     device = next(net.parameters()).device
     if world() > 1:
-        dataset = torch.utils.data.Subset(dataset, np.array_split(np.arange(len(dataset)), world())[rank()])
+        dataset = torch.utils.data.Subset(dataset,
+                                          np.array_split(np.arange(len(dataset)), world())[rank()])
     net.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.eval_batch_size, collate_fn=collate,
-                                         num_workers=args.num_workers, generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.eval_batch_size,
+                                         collate_fn=collate, num_workers=args.num_workers,
+                                         generator=torch.Generator())
     logits, labels = [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -979,7 +1065,8 @@ def predict(net, dataset, collate, args, notes=None):
         with autocast(args, device):
             logits.append(net(**batch).logits.float().cpu())
     net.train()
-    mine = (torch.cat(logits).numpy(), torch.cat(labels).numpy()) if logits else None  # None: no example here
+    # None: no example here
+    mine = (torch.cat(logits).numpy(), torch.cat(labels).numpy()) if logits else None
     parts = [mine]
     if world() > 1:  # every rank's slice, in order (a set smaller than the world leaves some empty)
         parts = [None] * world()
@@ -1020,32 +1107,37 @@ def build(args, model, targets, trainable, T, device):
             fit_delta(args, T)
         model.to(device)
         method, counts = setup_method(model, args, targets, trainable, T)
-        args.target_modules = args.target_modules or ",".join(targets)  # what was adapted, for metrics.json
+        # what was adapted, for metrics.json
+        args.target_modules = args.target_modules or ",".join(targets)
         state = load_checkpoint(args, method) if args.resume else {}
         optimizer = build_optimizer(method.net, args)
         scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * T), T)
         if state:
             restore(state, method, optimizer, scheduler)
     if args.resume and args.stop_after and args.stop_after <= state["step"]:
-        die(f"--stop_after {args.stop_after}: the checkpoint in {args.output_dir} is at step {state['step']} "
-            f"already; pass a later step, or none to finish the run")
+        die(f"--stop_after {args.stop_after}: the checkpoint in {args.output_dir} is at step "
+            f"{state['step']} already; pass a later step, or none to finish the run")
     if args.method == "flexlora":
-        counts["planned_allocations"] = len(allocation_steps(args, T))  # 0 only with --b0 0 (fit_delta)
+        # 0 only with --b0 0 (fit_delta)
+        counts["planned_allocations"] = len(allocation_steps(args, T))
     return method, counts, optimizer, scheduler, state
 
 
 def epoch_loader(args, train_set, collate, device, epoch, skip):
-    """This rank's batches of an epoch from batch `skip` on. The order depends on (seed, epoch) only,
-    so a resumed run sees the same batches; the generator keeps the DataLoader off the global RNG
-    (dropout's). A rank's slice of a global batch left empty (a last batch smaller than the world)
-    computes one example, weighted 0 (train(): share)."""
+    """This rank's batches of an epoch from batch `skip` on. The order depends on (seed, epoch)
+    only, so a resumed run sees the same batches; the generator keeps the DataLoader off the global
+    RNG (dropout's). A rank's slice of a global batch left empty (a last batch smaller than the
+    world) computes one example, weighted 0 (train(): share)."""
     order = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
     B = args.batch_size
-    shards = [np.array_split(order[j:j + B], world())[rank()] for j in range(skip * B, len(order), B)]
-    return iter(torch.utils.data.DataLoader(train_set, batch_sampler=[(s if len(s) else order[:1]).tolist()
-                                                                      for s in shards],
+    shards = [np.array_split(order[j:j + B], world())[rank()]
+              for j in range(skip * B, len(order), B)]
+    return iter(torch.utils.data.DataLoader(train_set,
+                                            batch_sampler=[(s if len(s) else order[:1]).tolist()
+                                                           for s in shards],
                                             collate_fn=collate, num_workers=args.num_workers,
-                                            pin_memory=device.type == "cuda", generator=torch.Generator()))
+                                            pin_memory=device.type == "cuda",
+                                            generator=torch.Generator()))
 
 
 class Divergence:
@@ -1061,10 +1153,12 @@ class Divergence:
 
     def fail(self, what):
         self.pbar.close()
-        kept = (f"the last good checkpoint (step {self.last_ckpt}) is kept in {self.args.output_dir}/checkpoint"
+        kept = (f"the last good checkpoint (step {self.last_ckpt}) is kept in "
+                f"{self.args.output_dir}/checkpoint"
                 if self.last_ckpt is not None else "no checkpoint had been written")
-        die(f"training diverged: {what}. Nothing was saved from it; {kept}. Lower --lr or --lr_scale "
-            f"(the peak learning rate is {self.args.lr * self.args.lr_scale:g}) and run again", code=1)
+        die(f"training diverged: {what}. Nothing was saved from it; {kept}. Lower --lr or "
+            f"--lr_scale (the peak learning rate is {self.args.lr * self.args.lr_scale:g}) "
+            f"and run again", code=1)
 
     def check(self, t, optimizer, weights=True):
         first = self.first_bad.item()
@@ -1074,7 +1168,8 @@ class Divergence:
             first = min((s for s in steps if s), default=0)
         if first:
             self.fail(f"the loss became non-finite at step {first}")
-        params = [p for g in optimizer.param_groups for p in g["params"]]  # (the same on every rank)
+        # (the same on every rank)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         if weights and not torch.stack([torch.isfinite(p).all() for p in params]).all():
             self.fail(f"the trained weights are non-finite at step {t}")
 
@@ -1098,7 +1193,8 @@ def step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence, d
     optimizer.step()
     scheduler.step()
     try:
-        method.allocate(t, optimizer)  # after optimizer.step() and the LR scheduler, before zero_grad()
+        # after optimizer.step() and the LR scheduler, before zero_grad()
+        method.allocate(t, optimizer)
     except ValueError:  # flexlora's allocator refuses non-finite λ
         divergence.check(t, optimizer)
         raise
@@ -1125,7 +1221,8 @@ def evaluation(evaluate, net, t, T, steps_per_epoch, divergence):
         metrics = evaluate(net, notes)
     except FloatingPointError as e:  # predict(): non-finite logits
         divergence.fail(f"{e} at step {t}")
-    divergence.pbar.write(f"eval step {t}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    divergence.pbar.write(f"eval step {t}: "
+                          + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     record = dict(step=t, epoch=round(t / steps_per_epoch, 3), **metrics)
     if t < T or not notes:
         return record, None
@@ -1145,7 +1242,8 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
     processor: the tokenizer or image processor, saved beside the model in merged/.
     Returns metrics.json's content, or None when --stop_after ends the run early (or on ranks > 0).
     """
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                          else "cpu")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     T = args.epochs * steps_per_epoch  # total optimizer steps
     method, counts, optimizer, scheduler, state = build(args, model, targets, trainable, T, device)
@@ -1162,16 +1260,19 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
     initial_ranks = state.get("initial_ranks") or method.ranks()
     eval_steps = args.eval_every * steps_per_epoch
     ckpt_steps = args.ckpt_every or eval_steps
-    print(f"{len(train_set):,} training examples, batch {args.batch_size}: {steps_per_epoch} steps/epoch, "
-          f"{T} steps; device {device}" + (" (bf16 autocast)" if bf16(args, device) else "")
-          + (f"; {world()} processes, {args.batch_size / world():g} examples each" if world() > 1 else ""))
+    print(f"{len(train_set):,} training examples, batch {args.batch_size}: "
+          f"{steps_per_epoch} steps/epoch, {T} steps; device {device}"
+          + (" (bf16 autocast)" if bf16(args, device) else "")
+          + (f"; {world()} processes, {args.batch_size / world():g} examples each"
+             if world() > 1 else ""))
 
     net.train()
     batches, t0, tick = None, time.time(), time.time()
     loss_sum, orth_sum, n_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
     if "logged" in state:  # the steps since the last log line: the next one averages them too, as
         loss, orth, n_logged = state["logged"]  # the uninterrupted run's line does
-        loss_sum += loss.to(device) if rank() == 0 else 0  # (the sum over the ranks: rank 0 has it)
+        # (the sum over the ranks: rank 0 has it)
+        loss_sum += loss.to(device) if rank() == 0 else 0
         orth_sum += orth.to(device)
     timed = 0  # steps since tick
     pbar = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True, disable=rank() > 0)
@@ -1181,10 +1282,13 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
         if batches is None or i == 0:
             batches = epoch_loader(args, train_set, collate, device, epoch, i)
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        n = min(args.batch_size, len(train_set) - i * args.batch_size)  # examples in the global batch
-        share = (n // world() + (rank() < n % world())) / n  # this rank's part of them (1 on one process)
+        # examples in the global batch
+        n = min(args.batch_size, len(train_set) - i * args.batch_size)
+        # this rank's part of them (1 on one process)
+        share = (n // world() + (rank() < n % world())) / n
         t = s + 1  # optimizer steps taken, after this one
-        task, orth = step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence, device)
+        task, orth = step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence,
+                          device)
         loss_sum += task
         orth_sum += 0.0 if orth is None else orth
         n_logged += 1
@@ -1200,7 +1304,8 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
         stop = t == args.stop_after and t < T  # (a stop simulates an interruption)
         evaluate_now, checkpoint_now = t % eval_steps == 0 or t == T, t % ckpt_steps == 0 or stop
         if evaluate_now or checkpoint_now:
-            divergence.check(t, optimizer)  # a diverged model is never evaluated, checkpointed or saved
+            # a diverged model is never evaluated, checkpointed or saved
+            divergence.check(t, optimizer)
         if evaluate_now:  # every eval_every epochs and at the end
             tic = time.time()
             record, final = evaluation(evaluate, net, t, T, steps_per_epoch, divergence)
@@ -1215,7 +1320,8 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
             divergence.last_ckpt = t
         if stop:
             pbar.close()
-            print(f"stopped after step {t} (--stop_after); continue with --resume {args.output_dir}")
+            print(f"stopped after step {t} (--stop_after); "
+                  f"continue with --resume {args.output_dir}")
             return None
     pbar.close()
     elapsed += time.time() - t0
@@ -1230,8 +1336,8 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
 # Outputs of a run: metrics, rank history, adapter, pictures
 
 
-def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key, run=None,
-                  processor=None, warnings=()):
+def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key,
+                  run=None, processor=None, warnings=()):
     """metrics.json, rank_history.json, the adapter (and merged/); the run's warnings, last."""
     best = max(evals, key=lambda e: e[score_key])
     warnings = list(warnings)
@@ -1248,8 +1354,8 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
         h = method.history
         stats = dict(allocations=len(h), expanded=sum(len(r["expanded"]) for r in h),
                      pruned=sum(len(r["pruned"]) for r in h), **flexlora.churn(h))
-    result = dict(config=vars(args), run=run, counts=counts, evals=evals, final=evals[-1], best=best,
-                  allocation_stats=stats, wall_time_s=round(elapsed, 1), train_steps=T,
+    result = dict(config=vars(args), run=run, counts=counts, evals=evals, final=evals[-1],
+                  best=best, allocation_stats=stats, wall_time_s=round(elapsed, 1), train_steps=T,
                   device=str(device), warnings=warnings)
     out = args.output_dir
     with writing(args, os.path.join(out, "rank_history.json")):
@@ -1265,7 +1371,8 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
                 processor.save_pretrained(folder)
     with writing(args, os.path.join(out, "metrics.json")):
         write_json(os.path.join(out, "metrics.json"), result)  # last: a finished run has it
-    print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items() if k not in ("step", "epoch")))
+    print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()
+                                 if k not in ("step", "epoch")))
     print(f"best (step {best['step']}): {score_key} {best[score_key]:.4f}; {elapsed:.0f} s; "
           f"outputs in {args.output_dir}")
     for w in warnings:  # (kept in metrics.json's "warnings")
@@ -1310,11 +1417,13 @@ def provenance():
     except ImportError:
         peft = None
     here = os.path.dirname(os.path.abspath(flexlora.__file__))
-    git = lambda *cmd: subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True, timeout=10)
+    git = lambda *cmd: subprocess.run(["git", *cmd], cwd=here, capture_output=True, text=True,
+                                      timeout=10)
     try:
         head = git("rev-parse", "HEAD")
         commit = head.stdout.strip() if head.returncode == 0 else None
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip()) if commit else None
+        dirty = (bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+                 if commit else None)
     except (OSError, subprocess.SubprocessError):  # no git
         commit = dirty = None
     return dict(versions=dict(python=platform.python_version(), torch=torch.__version__,

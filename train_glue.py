@@ -72,7 +72,8 @@ DATA = {
             ("entailment", "not_entailment")),
 }
 # dev sets: MNLI has a matched and a mismatched one ({name: (TSV file, Hub split)})
-DEV = {"mnli": {"": ("dev_matched", "validation_matched"), "_mm": ("dev_mismatched", "validation_mismatched")}}
+DEV = {"mnli": {"": ("dev_matched", "validation_matched"),
+                "_mm": ("dev_mismatched", "validation_mismatched")}}
 
 # the six module types the authors adapt, as each architecture names them
 FFN = ["attention.output.dense", "intermediate.dense", "output.dense"]
@@ -113,8 +114,8 @@ def read_tsv(path, task):
         header, body, start = rows[0] if rows else [], rows[1:], 2
         missing = [c for c in cols if c not in header]
         if missing:
-            raise ValueError(f"{path} is not a GLUE {folder} file: its header {header[:10]} lacks the "
-                             f"columns {missing} (expected {list(cols)})")
+            raise ValueError(f"{path} is not a GLUE {folder} file: its header {header[:10]} "
+                             f"lacks the columns {missing} (expected {list(cols)})")
         idx = [header.index(c) for c in cols]
     texts, labels, short = [[] for _ in idx[:-1]], [], 0
     for line, row in enumerate(body, start):
@@ -133,7 +134,8 @@ def read_tsv(path, task):
                 labels.append(("0", "1").index(value))
         except ValueError:
             expect = "a finite score" if task == "stsb" else (names or ("0", "1"))
-            hint = " (CoLA's TSV has no header: source, label, mark, sentence)" if task == "cola" else ""
+            hint = (" (CoLA's TSV has no header: source, label, mark, sentence)" if task == "cola"
+                    else "")
             raise ValueError(f"{path} line {line}: label {value!r} is not one of {expect}: "
                              f"not a GLUE {folder} file{hint}") from None
         for col, i in zip(texts, idx[:-1]):
@@ -149,7 +151,8 @@ def read_tsv(path, task):
 def load_tsv(data_dir, task):
     """{"train": (texts, labels), "dev" + suffix: ...} from <data_dir>/<TASK>/*.tsv"""
     folder = os.path.join(data_dir, DATA[task][0])
-    files = {"train": "train"} | {"dev" + k: f for k, (f, _) in DEV.get(task, {"": ("dev", "")}).items()}
+    files = {"train": "train"} | {"dev" + k: f
+                                  for k, (f, _) in DEV.get(task, {"": ("dev", "")}).items()}
     out = {}
     for split, name in files.items():
         path = os.path.join(folder, name + ".tsv")
@@ -164,7 +167,8 @@ def load_hub(task):
     """The same from the Hub's nyu-mll/glue."""
     dev = DEV.get(task, {"": ("", "validation")})
     splits = {"train": "train"} | {"dev" + k: split for k, (_, split) in dev.items()}
-    instead = f"Pass --data_dir DIR with the GLUE TSVs (DIR/{DATA[task][0]}/train.tsv, dev.tsv), or --smoke"
+    instead = (f"Pass --data_dir DIR with the GLUE TSVs (DIR/{DATA[task][0]}/train.tsv, dev.tsv), "
+               f"or --smoke")
     common.need_hub(f"GLUE {task} (nyu-mll/glue)", instead)
     try:
         import datasets
@@ -177,7 +181,8 @@ def load_hub(task):
 
 
 # built-in smoke data: random sentences whose label is told by marker words
-WORDS = "the a cat dog bird fish man woman sat ran saw ate big small red blue on under near with".split()
+WORDS = ("the a cat dog bird fish man woman sat ran saw ate "
+         "big small red blue on under near with").split()
 MARKERS = ["good", "bad", "maybe"]
 
 
@@ -221,11 +226,12 @@ def smoke_model(task, vocab_size):
     # a tiny DeBERTa-v3 (relative attention, p2c + c2p), randomly initialised
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    config = DebertaV2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=64, relative_attention=True,
-                             pos_att_type=["p2c", "c2p"], position_biased_input=False, position_buckets=16,
-                             norm_rel_ebd="layer_norm", share_att_key=True, type_vocab_size=0,
-                             num_labels=num_labels(task))
+    config = DebertaV2Config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=64,
+                             max_position_embeddings=64, relative_attention=True,
+                             pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                             position_buckets=16, norm_rel_ebd="layer_norm", share_att_key=True,
+                             type_vocab_size=0, num_labels=num_labels(task))
     return DebertaV2ForSequenceClassification(config)
 
 
@@ -263,7 +269,8 @@ def load_model(args):
     # dtype float32: transformers 5 would keep a bf16 checkpoint in bf16; we train fp32 master
     # weights (and on CUDA compute under bf16 autocast)
     model = common.from_pretrained(
-        AutoModelForSequenceClassification, args.model, num_labels=num_labels(args.task), dtype=torch.float32,
+        AutoModelForSequenceClassification, args.model,
+        num_labels=num_labels(args.task), dtype=torch.float32,
         ignore_mismatched_sizes=True, head=["classifier", "pooler"],  # a new head, the task's size
         problem_type="regression" if args.task == "stsb" else "single_label_classification")
     return model, common.from_pretrained(AutoTokenizer, args.model)
@@ -279,7 +286,8 @@ def glue_metrics(task, logits, labels):
 
     if task == "stsb":
         preds = logits.reshape(-1)
-        with warnings.catch_warnings():  # constant predictions (early in training): NaN, counted as 0 below
+        # constant predictions (early in training): NaN, counted as 0 below
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             m = dict(pearson=pearsonr(preds, labels)[0], spearman=spearmanr(preds, labels)[0])
     else:
@@ -302,7 +310,8 @@ def get_args(argv=None):
     # data
     g = parser.add_argument_group("data")
     g.add_argument("--task", type=task_name, default="cola", help=", ".join(TASKS))
-    g.add_argument("--data_dir", help="GLUE TSVs as <DIR>/<TASK>/{train,dev}.tsv (default: the Hub)")
+    g.add_argument("--data_dir",
+                   help="GLUE TSVs as <DIR>/<TASK>/{train,dev}.tsv (default: the Hub)")
     g.add_argument("--max_length", type=int, help="tokens per example (truncated)")
     g.add_argument("--max_train_samples", type=int,
                    help="a seeded random subset of the training set (default: all of it)")
@@ -310,7 +319,8 @@ def get_args(argv=None):
                    help="a subset of dev: no longer the official figure (default: all of it)")
     # model
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="microsoft/deberta-v3-base", help="Hub name or local checkpoint")
+    g.add_argument("--model", default="microsoft/deberta-v3-base",
+                   help="Hub name or local checkpoint")
     common.add_common_args(parser)
     # defaults: the task's (TASKS), then --smoke's, then whatever the command line says
     first = argparse.ArgumentParser(add_help=False)
@@ -331,7 +341,8 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    """The flags in range (train_common.check_args, then this script's), before anything is loaded."""
+    """The flags in range (train_common.check_args, then this script's), before anything is
+    loaded."""
     common.check_args(args)
     if args.task not in TASKS:  # (a saved args.json)
         common.die(f"--task {args.task!r}: must be one of {', '.join(TASKS)}")
@@ -343,7 +354,8 @@ def check_args(args):
 
 def main(argv=None):
     args = get_args(argv)
-    with common.resumable(args) as out:  # Ctrl-C: how to continue, not a traceback (from here to the end)
+    # Ctrl-C: how to continue, not a traceback (from here to the end)
+    with common.resumable(args) as out:
         args = common.launch(args, f"glue-{args.task}", check_args, out)  # --resume: its settings
         return run(args, out)
 
@@ -354,12 +366,14 @@ def run(args, out):
         data = load_data(args)
         model, tokenizer = load_model(args)
     train_set, held = common.hold_out(encode(tokenizer, *data["train"], args.max_length), args)
-    dev_sets = {k[3:]: encode(tokenizer, *v, args.max_length) for k, v in data.items() if k.startswith("dev")}
+    dev_sets = {k[3:]: encode(tokenizer, *v, args.max_length) for k, v in data.items()
+                if k.startswith("dev")}
     print(f"GLUE {args.task}: {len(train_set):,} train, "
           + ", ".join(f"{len(d):,} dev{k}" for k, d in dev_sets.items()))
     from transformers import DataCollatorWithPadding
 
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    collate = DataCollatorWithPadding(tokenizer,
+                                      pad_to_multiple_of=8 if torch.cuda.is_available() else None)
 
     def evaluate(net, notes):
         metrics = {}
@@ -369,20 +383,24 @@ def run(args, out):
         metrics["score"] = float(np.mean(list(metrics.values())))  # the GLUE task score
         if held:  # --holdout: the same metrics on training examples kept out of training
             logits, labels = common.predict(net, held, collate, args, notes)
-            metrics |= {"holdout_" + k: v for k, v in glue_metrics(args.task, logits, labels).items()}
+            metrics |= {"holdout_" + k: v
+                        for k, v in glue_metrics(args.task, logits, labels).items()}
         return metrics
 
     with common.user_errors():
         targets = common.find_targets(model, TARGETS, args.target_modules)
     # the task head stays trainable (not adapted): the classifier, and the pooler where there is one
     names = [n for n, _ in model.named_modules()]
-    heads = [h for h in ("classifier", "pooler") if any(n == h or n.endswith("." + h) for n in names)]
-    source = dict(model=f"smoke: a tiny random DeBERTa-v2 ({model.config.num_hidden_layers} layers, hidden "
-                        f"{model.config.hidden_size})" if args.smoke else common.where(args.model),
+    heads = [h for h in ("classifier", "pooler")
+             if any(n == h or n.endswith("." + h) for n in names)]
+    source = dict(model=f"smoke: a tiny random DeBERTa-v2 ({model.config.num_hidden_layers} "
+                        f"layers, hidden {model.config.hidden_size})" if args.smoke else
+                        common.where(args.model),
                   data=f"GLUE TSVs in {os.path.abspath(args.data_dir)}" if args.data_dir else
-                  "smoke: built-in sentences with marker words" if args.smoke else f"Hub: nyu-mll/glue {args.task}")
-    return common.train(args, out, model, train_set, collate, evaluate, targets, heads, source=source,
-                        processor=tokenizer)
+                  "smoke: built-in sentences with marker words" if args.smoke else
+                  f"Hub: nyu-mll/glue {args.task}")
+    return common.train(args, out, model, train_set, collate, evaluate, targets, heads,
+                        source=source, processor=tokenizer)
 
 
 if __name__ == "__main__":

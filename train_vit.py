@@ -1,12 +1,14 @@
-"""
+r"""
 Fine-tune a ViT image classifier with FlexLoRA (or the LoRA / AdaLoRA baselines) on its MLP layers.
 
 GPU box with internet (google/vit-base-patch16-224-in21k and the dataset from the Hugging Face Hub):
 $ python train_vit.py --dataset cifar100 --epochs 10          # the full train/test split
 $ python train_vit.py --dataset cifar100 --vtab1k              # VTAB-1k: 800 train / 200 val images
 
-Local arrays (x_train, y_train, x_test, y_test: uint8 N x H x W x C, integer labels), local checkpoint:
-$ python train_vit.py --data ../shared/data/cifar100_1k.npz --model ../shared/models/vit-tiny-cifar10
+Local arrays (x_train, y_train, x_test, y_test: uint8 N x H x W x C, integer labels),
+local checkpoint:
+$ python train_vit.py --data ../shared/data/cifar100_1k.npz \
+    --model ../shared/models/vit-tiny-cifar10
 
 An image folder: one sub-folder of images per class (optionally inside train/ and test/):
 $ python train_vit.py --data path/to/folder
@@ -14,7 +16,8 @@ $ python train_vit.py --data path/to/folder
 Baselines at FlexLoRA's trainable-parameter count, attention adapted as well:
 $ python train_vit.py --dataset cifar100 --vtab1k --method lora --attn
 
-Multi-GPU, one process per GPU (--batch_size stays the global batch), and a merged/ model for serving:
+Multi-GPU, one process per GPU (--batch_size stays the global batch), and a merged/ model
+for serving:
 $ torchrun --standalone --nproc_per_node 4 train_vit.py --dataset cifar100 --vtab1k --save_merged
 
 Offline smoke run (tiny ViT, built-in images, < 1 min on CPU), and the same on 2 CPU processes:
@@ -34,15 +37,16 @@ import torch
 
 # -----------------------------------------------------------------------------
 # Defaults: VTAB-1k conventions (AdamW, 100 epochs, batch 64, no augmentation); the paper's ViT
-# budget is LoRA r = 14 on fc1 and fc2 of every block (1.29M parameters on ViT-B/16, its VTAB-1k runs);
-# γ = 0.05 is the authors' usual 0.1 in the paper's normalisation (see train_glue.TASKS)
+# budget is LoRA r = 14 on fc1 and fc2 of every block (1.29M parameters on ViT-B/16, its VTAB-1k
+# runs); γ = 0.05 is the authors' usual 0.1 in the paper's normalisation (see train_glue.TASKS)
 DEFAULTS = dict(r=14, alpha=16, lr=1e-3, weight_decay=1e-4, epochs=100, batch_size=64, gamma=0.05,
                 warmup_ratio=0.1, eval_every=10, log_every=20)
 # the window is not given by the paper for ViT: t_w 10% and t_f 50% of the run, Δ = 10 steps
 WINDOW = (0.1, 0.5, 10)
 MLP = ["fc1", "fc2"]  # transformers 5.x: vit.layers.N.mlp.fc1 / fc2
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]  # vit.layers.N.attention.*, with --attn
-HUB = {"cifar100": ("uoft-cs/cifar100", "img", "fine_label"), "cifar10": ("uoft-cs/cifar10", "img", "label")}
+HUB = {"cifar100": ("uoft-cs/cifar100", "img", "fine_label"),
+       "cifar10": ("uoft-cs/cifar10", "img", "label")}
 SMOKE = dict(r=4, alpha=8, lr=1e-2, epochs=4, batch_size=16, t_w=8, t_f=24, delta=2, b0=2,
              eval_every=1, log_every=16, warmup_ratio=0.06,
              model=None, dataset=None)  # its own model and images (metrics.json's run says which)
@@ -90,8 +94,8 @@ def load_npz(path):
     if not os.path.isfile(path):
         common.die(f"--data {path}: no such file or folder")
     if not zipfile.is_zipfile(path):  # np.load would try to unpickle it
-        raise ValueError(f"--data {path}: not a .npz archive (np.savez of x_train, y_train, x_test, y_test) "
-                         f"nor an image folder")
+        raise ValueError(f"--data {path}: not a .npz archive "
+                         f"(np.savez of x_train, y_train, x_test, y_test) nor an image folder")
     try:
         with np.load(path) as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
@@ -99,23 +103,26 @@ def load_npz(path):
                 raise ValueError(f"{path} lacks the arrays {missing} (it holds {list(f.keys())})")
             data = {s: (f[f"x_{s}"], f[f"y_{s}"]) for s in ("train", "test")}
     except (OSError, EOFError, zipfile.BadZipFile) as e:  # truncated
-        raise ValueError(f"--data {path}: a damaged .npz archive ({type(e).__name__}: {e})") from None
+        raise ValueError(f"--data {path}: a damaged .npz archive "
+                         f"({type(e).__name__}: {e})") from None
     except ValueError as e:
         if "pickle" in str(e):  # object arrays: refused, as np.load refuses to unpickle
-            raise ValueError(f"--data {path}: holds object arrays, not uint8 images and integer labels") from None
+            raise ValueError(f"--data {path}: holds object arrays, "
+                             f"not uint8 images and integer labels") from None
         raise
     for split, (x, y) in data.items():  # the arrays are checked here, before any training
         if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != np.uint8:
-            raise ValueError(f"{path}: x_{split} must be uint8 images of shape (N, H, W, C) with C = 1 "
-                             f"or 3 (channels last), got {x.dtype} {x.shape}")
+            raise ValueError(f"{path}: x_{split} must be uint8 images of shape (N, H, W, C) "
+                             f"with C = 1 or 3 (channels last), got {x.dtype} {x.shape}")
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"{path}: y_{split} must hold one integer label per image, got {y.dtype} "
-                             f"{y.shape} for {len(x)} images")
+            raise ValueError(f"{path}: y_{split} must hold one integer label per image, "
+                             f"got {y.dtype} {y.shape} for {len(x)} images")
     return data
 
 
 def load_folder(path, seed):
-    """<path>/<class>/*.png, or <path>/{train,test}/<class>/*.png; without test/, 20% is held out."""
+    """<path>/<class>/*.png, or <path>/{train,test}/<class>/*.png; without test/, 20% is held
+    out."""
     def scan(root):
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         files = {c: sorted(os.path.join(root, c, f) for f in os.listdir(os.path.join(root, c))
@@ -127,7 +134,8 @@ def load_folder(path, seed):
     test_dir = split("train") and (split("test") or split("val"))
     test = scan(test_dir) if test_dir else None  # None: a seeded random 80/20 split below
     if not train:
-        raise ValueError(f"--data {path}: no class sub-folders with images ({', '.join(IMAGE_EXT)}) found")
+        raise ValueError(f"--data {path}: no class sub-folders with images "
+                         f"({', '.join(IMAGE_EXT)}) found")
     classes = sorted(train)
     if test is not None and set(test) - set(classes):
         raise ValueError(f"--data {path}: the test classes {sorted(set(test) - set(classes))} "
@@ -143,7 +151,8 @@ def load_folder(path, seed):
     check_images([f for f, _ in pairs + test], path)
     print(f"image folder {path}: {len(classes)} classes: {', '.join(classes[:5])}"
           + (", ..." if len(classes) > 5 else ""))
-    return {s: ([f for f, _ in p], np.array([y for _, y in p])) for s, p in (("train", pairs), ("test", test))}
+    return {s: ([f for f, _ in p], np.array([y for _, y in p]))
+            for s, p in (("train", pairs), ("test", test))}
 
 
 def check_images(files, folder):
@@ -162,7 +171,8 @@ def check_images(files, folder):
 
 def load_hub(name):
     repo, image_col, label_col = HUB.get(name, (name, None, None))
-    instead = "Pass --data with a .npz (x_train, y_train, x_test, y_test) or an image folder, or --smoke"
+    instead = ("Pass --data with a .npz (x_train, y_train, x_test, y_test) or an image folder, "
+               "or --smoke")
     common.need_hub(f"--dataset {name} ({repo})", instead)
     try:
         import datasets
@@ -175,7 +185,8 @@ def load_hub(name):
     features = ds["train"].features
     # other datasets: the first Image column and the first ClassLabel column
     image_col = image_col or next(k for k, f in features.items() if isinstance(f, datasets.Image))
-    label_col = label_col or next(k for k, f in features.items() if isinstance(f, datasets.ClassLabel))
+    label_col = label_col or next(k for k, f in features.items()
+                                  if isinstance(f, datasets.ClassLabel))
     return {s: (HubColumn(ds[split], image_col), np.array(ds[split][label_col]))
             for s, split in (("train", "train"), ("test", test))}
 
@@ -203,7 +214,8 @@ def take(images, labels, idx):
 
 def load_data(args):
     if args.data:
-        data = load_npz(args.data) if not os.path.isdir(args.data) else load_folder(args.data, args.seed)
+        data = (load_npz(args.data) if not os.path.isdir(args.data)
+                else load_folder(args.data, args.seed))
     elif args.smoke:
         data = {"train": smoke_images(256, args.seed), "test": smoke_images(64, args.seed + 1)}
     else:
@@ -211,12 +223,14 @@ def load_data(args):
     n_classes = int(np.max(data["train"][1])) + 1  # from the whole training set, before any subset
     if args.vtab1k:  # VTAB-1k: 1000 training images, 800 to train on, 200 to evaluate on
         if len(data["train"][1]) < 1000:
-            raise ValueError(f"--vtab1k takes 1000 training images (800 to train on, 200 to evaluate on); "
-                             f"this training set has {len(data['train'][1])}")
+            raise ValueError(f"--vtab1k takes 1000 training images (800 to train on, 200 to "
+                             f"evaluate on); this training set has {len(data['train'][1])}")
         order = np.random.default_rng(args.seed).permutation(len(data["train"][1]))[:1000]
-        data = {"train": take(*data["train"], order[:800]), "test": take(*data["train"], order[800:])}
+        data = {"train": take(*data["train"], order[:800]),
+                "test": take(*data["train"], order[800:])}
     if args.max_train_samples and args.max_train_samples < len(data["train"][1]):
-        idx = np.random.default_rng(args.seed).permutation(len(data["train"][1]))[:args.max_train_samples]
+        idx = (np.random.default_rng(args.seed).permutation(len(data["train"][1]))
+               [:args.max_train_samples])
         data["train"] = take(*data["train"], np.sort(idx))
     # labels must be 0 .. n-1, the test set's within the training set's
     y_train, y_test = data["train"][1], data["test"][1]
@@ -225,7 +239,8 @@ def load_data(args):
     if y_train.min() < 0 or y_test.min() < 0:
         raise ValueError("labels must be integers >= 0 (class indices)")
     if y_test.max() >= n_classes:
-        raise ValueError(f"test labels go up to {int(y_test.max())}, training labels only to {n_classes - 1}: "
+        raise ValueError(f"test labels go up to {int(y_test.max())}, "
+                         f"training labels only to {n_classes - 1}: "
                          f"labels must be class indices 0 .. n-1 shared by both splits")
     return data, n_classes
 
@@ -252,12 +267,14 @@ def image_processor(args, config):
         from transformers import ViTImageProcessor as Processor
     if not args.smoke:
         try:
-            return Processor.from_pretrained(args.model)  # preprocessor_config.json, if there is one
+            # preprocessor_config.json, if there is one
+            return Processor.from_pretrained(args.model)
         except (OSError, ValueError):
             pass
     # otherwise the config's image_size and, where it carries them, image_mean / image_std
     size = config.image_size
-    return Processor(size={"height": size, "width": size}, image_mean=getattr(config, "image_mean", [0.5] * 3),
+    return Processor(size={"height": size, "width": size},
+                     image_mean=getattr(config, "image_mean", [0.5] * 3),
                      image_std=getattr(config, "image_std", [0.5] * 3))
 
 
@@ -271,8 +288,8 @@ def load_model(args, n_classes):
         return ViTForImageClassification(config)
     from transformers import AutoModelForImageClassification
 
-    # a fresh classifier of the right size (e.g. vit-tiny-cifar10 has 10 labels, CIFAR-100 needs 100);
-    # float32 master weights even from a bf16 checkpoint (transformers 5 would keep its dtype)
+    # a fresh classifier of the right size (e.g. vit-tiny-cifar10 has 10 labels, CIFAR-100 needs
+    # 100); float32 master weights even from a bf16 checkpoint (transformers 5 would keep its dtype)
     return common.from_pretrained(AutoModelForImageClassification, args.model, num_labels=n_classes,
                                   ignore_mismatched_sizes=True, dtype=torch.float32,
                                   head=["classifier"])
@@ -285,16 +302,20 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     # data
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar100", help="Hub dataset: cifar100, cifar10, or a repo name")
+    g.add_argument("--dataset", default="cifar100",
+                   help="Hub dataset: cifar100, cifar10, or a repo name")
     g.add_argument("--data", help="a .npz (x_train, y_train, x_test, y_test) or an image folder "
                                   "(default: --dataset, from the Hub)")
-    g.add_argument("--vtab1k", action="store_true", help="1000 training images: 800 train, 200 evaluation")
+    g.add_argument("--vtab1k", action="store_true",
+                   help="1000 training images: 800 train, 200 evaluation")
     g.add_argument("--max_train_samples", type=int,
                    help="a seeded random subset of the training set (default: all of it)")
     # model
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="google/vit-base-patch16-224-in21k", help="Hub name or local checkpoint")
-    g.add_argument("--attn", action="store_true", help="adapt the attention projections as well as fc1/fc2")
+    g.add_argument("--model", default="google/vit-base-patch16-224-in21k",
+                   help="Hub name or local checkpoint")
+    g.add_argument("--attn", action="store_true",
+                   help="adapt the attention projections as well as fc1/fc2")
     common.add_common_args(parser)
     parser.set_defaults(**DEFAULTS)
     smoke = "--smoke" in (argv if argv is not None else sys.argv[1:])
@@ -309,12 +330,14 @@ def get_args(argv=None):
     args = parser.parse_args(argv)
     for flag in ("model", "dataset"):
         if args.smoke and getattr(args, flag) is not None:
-            common.die(f"--smoke trains its own tiny model on its own images: drop --{flag}, or --smoke")
+            common.die(f"--smoke trains its own tiny model on its own images: "
+                       f"drop --{flag}, or --smoke")
     return args
 
 
 def check_args(args):
-    """The flags in range (train_common.check_args, then this script's), before anything is loaded."""
+    """The flags in range (train_common.check_args, then this script's), before anything is
+    loaded."""
     common.check_args(args)
     v = args.max_train_samples
     if v is not None and not (isinstance(v, int) and v >= 1):
@@ -323,9 +346,11 @@ def check_args(args):
 
 def main(argv=None):
     args = get_args(argv)
-    with common.resumable(args) as out:  # Ctrl-C: how to continue, not a traceback (from here to the end)
+    # Ctrl-C: how to continue, not a traceback (from here to the end)
+    with common.resumable(args) as out:
         args = common.launch(args, "vit-" + ("smoke" if args.smoke else os.path.basename(
-            os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset), check_args, out)
+            os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset),
+            check_args, out)
         return run(args, out)
 
 
@@ -338,7 +363,8 @@ def run(args, out):
     train_set, test_set = Images(*data["train"]), Images(*data["test"])
     train_set, held = common.hold_out(train_set, args)
     print(f"{len(train_set):,} training and {len(test_set):,} test images, {n_classes} classes; "
-          f"resized to {model.config.image_size}, mean {np.round(processor.image_mean, 3).tolist()}")
+          f"resized to {model.config.image_size}, "
+          f"mean {np.round(processor.image_mean, 3).tolist()}")
     default_window(args, args.epochs * -(-len(train_set) // args.batch_size))
 
     def collate(items):
@@ -354,12 +380,15 @@ def run(args, out):
         return metrics
 
     with common.user_errors():
-        targets = common.find_targets(model, [MLP + ATTN if args.attn else MLP], args.target_modules)
+        targets = common.find_targets(model, [MLP + ATTN if args.attn else MLP],
+                                      args.target_modules)
     c = model.config
-    source = dict(model=f"smoke: a tiny random ViT ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-                        f"{c.image_size}x{c.image_size} images)" if args.smoke else common.where(args.model),
-                  data=os.path.abspath(args.data) if args.data else "smoke: built-in coloured squares on noise"
-                  if args.smoke else f"Hub: {HUB.get(args.dataset, (args.dataset,))[0]}")
+    source = dict(model=f"smoke: a tiny random ViT ({c.num_hidden_layers} layers, "
+                        f"hidden {c.hidden_size}, {c.image_size}x{c.image_size} images)"
+                        if args.smoke else common.where(args.model),
+                  data=os.path.abspath(args.data) if args.data else
+                  "smoke: built-in coloured squares on noise" if args.smoke else
+                  f"Hub: {HUB.get(args.dataset, (args.dataset,))[0]}")
     return common.train(args, out, model, train_set, collate, evaluate, targets, ["classifier"],
                         "accuracy", source, processor=processor)
 

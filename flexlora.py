@@ -20,7 +20,6 @@ import numbers
 import os
 import re
 import warnings
-import weakref
 
 import torch
 import torch.nn as nn
@@ -541,28 +540,21 @@ class RankAllocator:
         self._owner = object()
         for m in self.layers.values():
             m._flexlora_owner = self._owner
-        self._watched = self._seen = None  # _check_order's optimizer, and the gradient it used
+        self._watched, self._unused = None, False  # _check_order's optimizer; a gradient since?
 
     def _check_order(self, optimizer):
-        """step() belongs after optimizer.step(): a post-step hook notes the gradient the
-        optimizer stepped with; a newer one at step() means backward() ran since. A warning, as a
-        GradScaler that skips a step (inf gradients) looks the same."""
-        probe = next((p for m in self.layers.values() for f in _RANK_DIM
-                      for p in [getattr(m, f)] if p.requires_grad), None)
+        """step() belongs after optimizer.step(): hooks note when a gradient lands on one adapter
+        parameter (_unused = True) and when the optimizer steps (False). A warning, not an error:
+        a GradScaler that skips a step (inf gradients) looks the same."""
         inner = _inner(optimizer)
-        if probe is None or self._watched is inner and probe.grad is None:
-            return
         if self._watched is not inner:  # the first call with it: no step seen yet
-            def note(*_):
-                self._seen = (probe.grad is not None and weakref.ref(probe.grad),
-                              probe.grad is not None and probe.grad._version)
-            self._watched = inner
-            inner.register_step_post_hook(note)
-            return
-        seen = self._seen
-        newer = (seen is None or seen[0] is False or seen[0]() is not probe.grad
-                 or seen[1] != probe.grad._version)
-        if newer and bool(probe.grad.any()):  # (zero_grad(set_to_none=False) zeroes it: fine)
+            probe = next((p for m in self.layers.values() for f in _RANK_DIM
+                          for p in [getattr(m, f)] if p.requires_grad), None)
+            if probe is not None:
+                probe.register_post_accumulate_grad_hook(lambda _: setattr(self, "_unused", True))
+                inner.register_step_post_hook(lambda *_: setattr(self, "_unused", False))
+            self._watched, self._unused = inner, False
+        elif self._unused:
             warnings.warn("RankAllocator.step() ran between backward() and optimizer.step(): "
                           "the gradients were not used yet; call it after optimizer.step()",
                           stacklevel=3)

@@ -51,8 +51,9 @@ def interrupted_while_starting(*_):
 
 # run as train_glue.py or train_vit.py: Ctrl-C while torch loads is this line, not an abort in
 # torch's C++; then KeyboardInterrupt again (main: resumable)
-SCRIPT = os.path.basename(getattr(sys.modules["__main__"], "__file__", None) or "")
-if SCRIPT in ("train_glue.py", "train_vit.py"):
+AS_SCRIPT = os.path.basename(getattr(sys.modules["__main__"], "__file__", None) or "") in (
+    "train_glue.py", "train_vit.py")
+if AS_SCRIPT:
     signal.signal(signal.SIGINT, interrupted_while_starting)
 
 import numpy as np  # noqa: E402
@@ -62,7 +63,7 @@ from tqdm import tqdm  # noqa: E402
 
 import flexlora  # noqa: E402  (flexlora_hf, transformers, peft: imported where used: quick --help)
 
-if SCRIPT in ("train_glue.py", "train_vit.py"):
+if AS_SCRIPT:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # -----------------------------------------------------------------------------

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import demo
 import flexlora
+import loading
 import train_common as common
 import train_glue
 import train_vit
@@ -105,7 +107,7 @@ def test_offline_hub_fails_fast(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    common._probe.cache_clear()
+    loading._probe.cache_clear()
     try:
         tic = time.time()
         msg = user_error(train_glue.main, ["--task", "rte", "--output_dir", str(tmp_path / "a")], capsys)
@@ -118,7 +120,7 @@ def test_offline_hub_fails_fast(tmp_path, capsys, monkeypatch):
         assert "--dataset cifar100" in msg and "HF_HUB_OFFLINE=1" in msg
         assert time.time() - tic < 20  # the Hub client's retries took 23-46 s for each
     finally:
-        common._probe.cache_clear()
+        loading._probe.cache_clear()
 
 
 # -----------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def test_world_size_set_by_hand_says_to_use_a_launcher(tmp_path, capsys, monkeyp
 
 def test_default_folders_of_runs_started_in_one_second_differ(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    folders = {common.prepare_output_dir(train_glue.get_args(["--smoke"]), "glue-cola").output_dir
+    folders = {cli.prepare_output_dir(train_glue.get_args(["--smoke"]), "glue-cola", train_glue.check_args).output_dir
                for _ in range(3)}
     assert len(folders) == 3
 
@@ -361,7 +363,7 @@ def test_one_run_at_a_time_in_an_output_dir(tmp_path, capsys, monkeypatch):
     other.kill()
     other.wait()
     assert train_glue.main(["--resume", part])["final"]
-    common.OutputDir().hold(part)  # and this process let go of it at the end of its run
+    cli.OutputDir().hold(part)  # and this process let go of it at the end of its run
 
 
 def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path, capsys, monkeypatch):
@@ -418,7 +420,7 @@ def test_a_full_disk_at_the_end_keeps_the_checkpoint(tmp_path, capsys, monkeypat
 
     out = str(tmp_path / "run")
     path = os.path.join(out, failing)
-    write_json, save_adapter = common.write_json, flexlora.save_adapter
+    write_json, save_adapter = cli.write_json, flexlora.save_adapter
 
     def full_json(p, obj):
         if p == path:
@@ -430,7 +432,7 @@ def test_a_full_disk_at_the_end_keeps_the_checkpoint(tmp_path, capsys, monkeypat
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         save_adapter(model, p)
 
-    monkeypatch.setattr(common, "write_json", full_json)  # was a raw OSError / SafetensorError
+    monkeypatch.setattr(cli, "write_json", full_json)  # was a raw OSError / SafetensorError
     monkeypatch.setattr(flexlora, "save_adapter", full_adapter)
     msg = user_error(train_glue.main, GLUE_TINY + ["--output_dir", out], capsys, code=1)
     what = path if failing == "metrics.json" else f"the adapter in {out}"

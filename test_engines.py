@@ -61,13 +61,18 @@ def assert_states(a, b, atol):
 
 def test_ddp_wrapped_once_two_processes_are_alike_and_equal_one(tmp_path):
     # DDP wrapped once, through every allocation: both processes bit for bit alike, and equal to one
-    # process over the whole batch up to float rounding
+    # process over the whole batch up to float rounding. In float32 Adam's steps on gradients near 0
+    # (lr · sign(g)) blow the all-reduce's ~1e-7 re-association up to 1e-5..1e-4, by CPU; in float64
+    # the same runs agree to 1e-6 (measured 6e-14; 6e-9 with warm_start=False), far inside the issue's
+    # 1e-5, so a real difference cannot hide in the tolerance
     script = doc_script("Your own loop under DDP")
-    # warm_start=False: the engines alone, to 2e-5 (measured 1.03e-5, also at d5e195d, before the
-    # warm start). With it, a reborn slot's fresh-Adam steps, near lr · sign(g) where g ≈ 0 too,
-    # blow the all-reduce's ~1e-7 up to ~2e-4
-    exact = script.replace("interval=4)", "interval=4, warm_start=False)")
-    for folder, s, atol in ((tmp_path / "exact", exact, 2e-5), (tmp_path / "default", script, 1e-3)):
+    f64 = script.replace("import flexlora as fl\n", "import flexlora as fl\n\n"
+                         "torch.set_default_dtype(torch.float64)\n")
+    assert f64 != script
+    runs = (("float32", script, None), ("float64", f64, 1e-6),
+            ("float64-cold", f64.replace("interval=4)", "interval=4, warm_start=False)"), 1e-6))
+    for name, s, atol in runs:
+        folder = tmp_path / name
         folder.mkdir()
         (folder / "train.py").write_text(s + DUMP)
         for world in (1, 2):
@@ -75,7 +80,8 @@ def test_ddp_wrapped_once_two_processes_are_alike_and_equal_one(tmp_path):
         one, two = load(folder, 0, 1), load(folder, 0, 2)
         assert_states(two["state"], load(folder, 1, 2)["state"], atol=0)
         assert len(two["history"]) >= 5 and decisions(two["history"]) == decisions(one["history"])
-        assert_states(two["state"], one["state"], atol=atol)
+        if atol is not None:
+            assert_states(two["state"], one["state"], atol=atol)
         assert any(h["pruned"] for h in two["history"]) and sum(two["history"][-1]["ranks"].values()) == 12
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli
 import flexlora
 import train_common as common
 import train_glue
@@ -175,7 +176,7 @@ def test_ctrl_c_before_the_run_starts_leaves_the_old_run(tmp_path, monkeypatch):
     def interrupted(self, args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.OutputDir, "start", interrupted)  # Ctrl-C while the new run is still loading
+    monkeypatch.setattr(cli.OutputDir, "start", interrupted)  # Ctrl-C while the new run is still loading
     with pytest.raises(SystemExit) as e:
         train_glue.main(GLUE_TINY + ["--output_dir", out, "--overwrite"])
     assert e.value.code == 130 and f"interrupted before the run started: --output_dir {out} is as it was" in str(e.value)

@@ -17,21 +17,15 @@ A run directory (--output_dir) ends up holding:
     checkpoint/          everything --resume needs (adapter, optimizer, LR scheduler, allocator,
                          RNG)
 
-A mistake in the command line or in the files it names ends the run before it touches
---output_dir, with one line `error: ...` on stderr and exit code 2, as argparse does (die).
-A run whose loss turns non-finite stops with exit code 1, keeping its last good checkpoint.
-One run at a time writes in a folder: it holds an flock on --output_dir while it runs (the kernel
-drops it when the process ends, killed too), and a second run there stops at once. A run that
-ends before writing anything (an early Ctrl-C, a divergence before its first checkpoint) removes
-the folder it created; a folder that was there before stays. A full disk: one line, exit 1, the
-last checkpoint kept (--resume writes the outputs from it). Warnings (predictions all one class,
-a single planned allocation) are printed at the end and kept in metrics.json.
+The command-line contract (one-line errors, Ctrl-C, one run per folder, atomic writes) is in
+cli.py; loading a model from the Hub or a folder is in loading.py. A run whose loss turns
+non-finite stops with exit code 1, keeping its last good checkpoint. Warnings (predictions all
+one class, a single planned allocation) are printed at the end and kept in metrics.json.
 """
 
 import argparse
 import atexit
 import copy
-import functools
 import json
 import math
 import os
@@ -41,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 
 def interrupted_while_starting(*_):
@@ -61,87 +55,14 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import cli  # noqa: E402
 import flexlora  # noqa: E402  (flexlora_hf, transformers, peft: imported where used: quick --help)
 
 if AS_SCRIPT:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # -----------------------------------------------------------------------------
-# User errors: one line and exit code 2, never a stack trace
-
-
-class UserError(SystemExit):
-    """SystemExit with code 2 (argparse's, for a usage error) whose str() is the message."""
-
-    def __init__(self, msg, code=2):
-        super().__init__(code)
-        self.msg = msg
-
-    def __str__(self):
-        return self.msg
-
-
-def die(msg, code=2):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops, rank 0 alone says why
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-    raise UserError(msg, code)
-
-
-@contextmanager
-def user_errors():
-    # the ValueErrors of flexlora.py and of the data readers name the bad input and say what to do
-    try:
-        yield
-    except ValueError as e:
-        die(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-
-
-@contextmanager
-def resumable(args):
-    """Around all of a run but its argument parsing (main: launch, loading, training, outputs).
-    Ctrl-C (KeyboardInterrupt): one line saying how to continue the run, exit 130. However the run
-    ends: its lock on --output_dir is let go, and an --output_dir it created and left empty (an
-    early Ctrl-C, a divergence before its first checkpoint) is removed. Yields the OutputDir."""
-    out = OutputDir()
-    try:
-        yield out
-    except KeyboardInterrupt:
-        # nothing written yet: an --overwrite'n or --resume'd run is still whole
-        if not out.started:
-            kept = (f"--output_dir {args.output_dir} is as it was" if args.output_dir
-                    else "nothing was written")
-            die(f"interrupted before the run started: {kept}", code=130)
-        ckpt = os.path.join(args.output_dir, "checkpoint")
-        how = (f"continue from its last checkpoint with --resume {args.output_dir}"
-               if os.path.isdir(ckpt) or os.path.isdir(ckpt + ".old") else
-               "it had written no checkpoint yet (--ckpt_every sets how often it does)")
-        die(f"interrupted: {how}", code=130)
-    finally:
-        made = out.started and out.created and os.path.isdir(args.output_dir)  # (locked: ours)
-        if made and not os.listdir(args.output_dir):
-            os.rmdir(args.output_dir)
-        out.release()
-
-
-# -----------------------------------------------------------------------------
 # Flags shared by both scripts (each script adds its # data and # model groups and its defaults)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help: the docstring as written, and every flag's default, unless it has none (None, False)
-    or its help says it in words already, "(default ...)"."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def explain_defaults(parser, **said):
-    """Add to the help of the flags named (dest=words) what their default, None, means."""
-    for action in parser._actions:
-        if action.dest in said:
-            action.help += f" (default: {said[action.dest]})".replace("%", "%%")  # (argparse's %)
 
 
 def add_common_args(parser):
@@ -230,23 +151,13 @@ def add_common_args(parser):
                    help="offline: tiny model, built-in data, < 1 min on CPU")
 
 
-# these may differ when a run is resumed; everything else comes from the saved run
-RUN_CONTROL = ("resume", "stop_after", "num_workers", "overwrite")
-# every file and folder a run writes in --output_dir: --overwrite removes these and nothing else
-RUN_FILES = ("metrics.json", "rank_history.json", "adapter.safetensors", "adapter", "peft_adapter",
-             "merged", "ranks.png", "rank_history.png", "checkpoint", "checkpoint.old",
-             "checkpoint.tmp", "metrics.json.tmp", "rank_history.json.tmp")
-# the settings a run's checkpoint/args.json must hold (a run saved before a flag existed lacks it)
-SAVED = ("method", "r", "lr", "epochs", "batch_size", "seed")
-
-
 def check_args(args):
     """Every shared flag in range, before anything is loaded or written: die() on the first bad one.
     (Values may come from a saved args.json: types are checked too.)"""
     def need(flag, ok, what):
         v = getattr(args, flag, None)
         if not ok(v):
-            die(f"--{flag} {v!r}: must be {what}")
+            cli.die(f"--{flag} {v!r}: must be {what}")
 
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
     is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -279,254 +190,6 @@ def check_args(args):
     if args.target_modules is not None:
         need("target_modules", lambda v: isinstance(v, str) and all(v.split(",")),
              "comma-separated module names, none empty")
-
-
-def recover_checkpoint(out_dir):
-    """save_checkpoint swaps with two renames: a crash between them leaves checkpoint.old, the last
-    complete checkpoint, and no checkpoint/. Put it back (never delete it)."""
-    ckpt = os.path.join(out_dir, "checkpoint")
-    if not os.path.exists(ckpt) and os.path.isdir(ckpt + ".old"):
-        os.replace(ckpt + ".old", ckpt)
-        print(f"note: recovered {ckpt} from {ckpt}.old (a run stopped while saving its checkpoint)")
-    elif os.path.isdir(ckpt) and os.path.lexists(ckpt + ".old"):
-        # stopped while removing the old one: checkpoint/ is complete (it was swapped in)
-        shutil.rmtree(ckpt + ".old", ignore_errors=True)
-
-
-class OutputDir:
-    """--output_dir as this run holds it: its lock, and whether the run has touched the folder
-    yet (started: before that, Ctrl-C leaves an old run whole) and created it (then resumable()
-    removes it if the run left it empty)."""
-
-    def __init__(self):
-        self.started = self.created = False
-        self.lock = None  # (folder, file descriptor)
-
-    def hold(self, path):
-        """One run at a time in a folder: hold an exclusive flock on `path` (a folder) until the
-        run ends (resumable: release), or die() if another run holds it. The kernel lets go of a
-        process's locks when it ends, killed too: a stale lock never blocks. (No fcntl: no lock.)"""
-        if self.lock is not None and self.lock[0] == os.path.realpath(path):
-            return
-        self.release()
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            return
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:  # a folder one may write in but not read: run without
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            die(f"--output_dir {path}: another run is writing there (it holds the folder's lock): "
-                f"wait for it to end, or pick another --output_dir")
-        except OSError:  # a file system without locks (some network ones): run without
-            os.close(fd)
-            return
-        self.lock = (os.path.realpath(path), fd)
-
-    def release(self):
-        if self.lock is not None:
-            os.close(self.lock[1])
-            self.lock = None
-
-    def start(self, args):
-        """Once the run has loaded without an error: create and lock --output_dir, then clear
-        (--overwrite) every file of the old run in it, so that nothing stale is mixed in. Other
-        files stay."""
-        created = not os.path.isdir(args.output_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
-        self.hold(args.output_dir)  # another run may have started there since prepare_output_dir
-        self.started, self.created = True, created
-        if not args.resume:
-            refuse_a_run_in(args)  # (one that has written there since)
-            for f in RUN_FILES:
-                path = os.path.join(args.output_dir, f)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                elif os.path.lexists(path):
-                    os.remove(path)
-
-
-def prepare_output_dir(args, name, check=check_args, out=None):
-    """Pick the run directory (--resume: and the run's own settings), check the arguments with
-    check(args), and refuse to go near another run unless asked to; `out` (an OutputDir) locks
-    it. Deletes nothing: OutputDir.start() clears an --overwrite'n run once the new one has
-    loaded without an error."""
-    out = out or OutputDir()
-    if args.resume:
-        if not os.path.isdir(args.resume):
-            die(f"--resume {args.resume}: no such directory")
-        out.hold(args.resume)  # before anything is read or renamed there
-        if os.path.exists(os.path.join(args.resume, "metrics.json")):
-            die(f"--resume {args.resume}: that run has finished (metrics.json is there): "
-                f"nothing to continue; start a new run, or --overwrite it")
-        recover_checkpoint(args.resume)
-        saved = os.path.join(args.resume, "checkpoint", "args.json")
-        if not os.path.exists(saved):
-            die(f"--resume {args.resume}: no checkpoint there ({saved} is missing)")
-        try:
-            with open(saved) as f:
-                config = json.load(f)
-        except (OSError, ValueError) as e:  # ValueError: broken JSON or not UTF-8
-            config = f"unreadable ({type(e).__name__}: {e})"
-        if isinstance(config, dict) and set(config) - set(vars(args)):
-            unknown = sorted(set(config) - set(vars(args)))[:3]
-            config = f"settings {unknown} unknown to this script (a run of the other script?)"
-        elif (not isinstance(config, (dict, str))
-              or isinstance(config, dict) and not set(SAVED) <= set(config)):
-            config = "not a run's settings"
-        if isinstance(config, str):  # what is wrong with it
-            die(f"--resume {args.resume}: {saved}: {config}; this run cannot continue: "
-                f"start it again with --output_dir {args.resume} --overwrite")
-        print(f"resuming {args.resume} with its saved settings (other flags are ignored)")
-        config.update({k: getattr(args, k) for k in RUN_CONTROL})
-        # may be added on resume
-        config["save_merged"] = config.get("save_merged") or args.save_merged
-        config["output_dir"] = args.resume
-        vars(args).update(config)
-        check(args)
-        return args
-    check(args)
-    if args.output_dir is None:
-        # to the microsecond and the process: two runs started at once never share it
-        stamp = (time.strftime("%Y%m%d-%H%M%S")
-                 + f"-{time.time_ns() // 1000 % 10 ** 6:06d}-{os.getpid()}")
-        args.output_dir = os.path.join("runs", f"{name}-{args.method}-{stamp}")
-    parent = os.path.abspath(args.output_dir)
-    while not os.path.exists(parent):  # the folder, or the nearest one above it that exists
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        die(f"--output_dir {args.output_dir}: {parent} is "
-            f"{'not writable' if os.path.isdir(parent) else 'a file'}")
-    if os.path.isdir(args.output_dir):  # (a new folder is locked when out.start() creates it)
-        out.hold(args.output_dir)
-    refuse_a_run_in(args)
-    return args
-
-
-def refuse_a_run_in(args):
-    held = [f for f in RUN_FILES if os.path.lexists(os.path.join(args.output_dir, f))]
-    if held and not args.overwrite:
-        die(f"--output_dir {args.output_dir} already holds a run ({', '.join(held)}): "
-            f"pass --overwrite to replace it, or --resume {args.output_dir} to continue it")
-
-
-# -----------------------------------------------------------------------------
-# Models and data from the Hugging Face Hub or local folders
-
-
-def hub_unreachable():
-    """None if the Hugging Face Hub answers within 5 s, else why not. (The Hub client would retry 5
-    times, 23-46 s, before failing; with HF_HUB_OFFLINE=1 the libraries read their cache alone.)"""
-    offline = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in offline):
-        return None  # the libraries fail at once themselves if the cache lacks it
-    return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-
-
-@functools.lru_cache(maxsize=None)  # once per process
-def _probe(endpoint):
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    try:  # (through the proxy of https_proxy, if one is set)
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
-    except urllib.error.HTTPError:
-        pass  # it answered
-    except (OSError, ValueError) as e:  # no network, no DNS, refused, timed out
-        reason = getattr(e, "reason", e)
-        # (a TLS problem: it answered; the Hub client decides)
-        if not isinstance(reason, ssl.SSLError):
-            return f"{endpoint} cannot be reached ({reason})"
-    return None
-
-
-def need_hub(what, instead):
-    """die() at once, saying what to do, when `what` must come from an unreachable Hub."""
-    why = hub_unreachable()
-    if why:
-        die(f"{what} is on the Hugging Face Hub, and {why}. {instead}; or, if it is in your "
-            f"Hugging Face cache, set HF_HUB_OFFLINE=1 to load it from there")
-
-
-def where(name):
-    """A model or dataset as metrics.json records it: its absolute path, or its Hub name."""
-    return os.path.abspath(name) if os.path.exists(name) else f"Hub: {name}"
-
-
-def from_pretrained(cls, name, flag="--model", head=None, **kwargs):
-    """cls.from_pretrained(name, ...), with one clear line when the path, the Hub or the checkpoint
-    is not what is needed. head: the module names of a model's task head, new when fine-tuning: in
-    place of transformers' table of the weights it did not load, a line (report_loading)."""
-    if not os.path.exists(name) and (name.startswith(("/", ".", "~")) or name.count("/") > 1
-                                     or "\\" in name):
-        die(f"{flag} {name}: no such local directory (a local checkpoint is a folder "
-            f"with config.json and the weights, e.g. written by save_pretrained)")
-    if not os.path.exists(name):
-        need_hub(f"{flag} {name}",
-                 f"Pass {flag} PATH to a local checkpoint, or --smoke for the built-in tiny model")
-    try:
-        if head is None:
-            return cls.from_pretrained(name, **kwargs)
-        with quiet_load_report():
-            model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
-    except Exception as e:
-        # OSError (missing files), ValueError (e.g. a ViT given to a text script), ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if os.path.exists(name):
-            die(f"{flag} {name}: {cls.__name__} could not load this local folder ({first})")
-        die(f"{flag} {name}: could not load this Hugging Face Hub model ({first}). "
-            f"Pass {flag} PATH to a local checkpoint, or --smoke for the built-in tiny model")
-    report_loading(f"{flag} {name}", info, head)
-    return model
-
-
-@contextmanager
-def quiet_load_report():
-    """Without transformers' LOAD REPORT table and its note that num_labels differs from the
-    checkpoint's labels: report_loading() says what matters in a line."""
-    import logging
-
-    said = ("LOAD REPORT", "which is incompatible to the `id2label` map")
-    drop = lambda record: not any(s in record.getMessage() for s in said)
-    modules = ("modeling_utils", "configuration_utils")  # (where the two are logged)
-    loggers = [logging.getLogger(f"transformers.{m}") for m in modules]
-    for logger in loggers:
-        logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(drop)
-
-
-def report_loading(what, info, head):
-    """What from_pretrained's loading info says, a line each: a new task head (expected), other
-    weights initialised at random (not expected), weights of the checkpoint left unused."""
-    part_of = lambda key, module: key.startswith(module + ".") or f".{module}." in key
-    in_head = lambda key: any(part_of(key, h) for h in head)
-    reshaped = [key for key, _, _ in info["mismatched_keys"]]
-    fresh = sorted(set(info["missing_keys"]) | set(reshaped))
-    new = [h for h in head if any(part_of(k, h) for k in fresh)]
-    if new:
-        how = ("of another size than the checkpoint's" if any(in_head(k) for k in reshaped)
-               else "not in the checkpoint")
-        print(f"note: {what}: a new task head ({', '.join(new)}: {how}), initialised at random, "
-              f"as expected when fine-tuning")
-    others = [k for k in fresh if not in_head(k)]
-    if others:
-        more = ", ..." if len(others) > 3 else ""
-        print(f"warning: {what}: {len(others)} weights are not in the checkpoint or of another "
-              f"shape there, and start at random: {', '.join(others[:3])}{more}")
-    unused = sorted(info["unexpected_keys"])
-    if unused:
-        print(f"note: {what}: {len(unused)} weights of the checkpoint are not used by this model "
-              f"(e.g. {unused[0]}; a pre-training head, usually)")
 
 
 def fit_window(args, total_steps):
@@ -571,10 +234,10 @@ def fit_delta(args, total_steps):
                   f"{total_steps} steps; Δ lowered to {delta}")
             args.delta = delta
             return
-    die(f"FlexLoRA's schedule allows no rank allocation in these {total_steps} steps "
-        f"(t_w {args.t_w}, t_f {args.t_f}, b0 {args.b0}, {args.schedule} b(t)): "
-        f"it would be a fixed-rank run. Raise --b0, lower --t_w or --t_f, train longer, "
-        f"or pass --b0 0 for a fixed-rank run on purpose")
+    cli.die(f"FlexLoRA's schedule allows no rank allocation in these {total_steps} steps "
+            f"(t_w {args.t_w}, t_f {args.t_f}, b0 {args.b0}, {args.schedule} b(t)): "
+            f"it would be a fixed-rank run. Raise --b0, lower --t_w or --t_f, train longer, "
+            f"or pass --b0 0 for a fixed-rank run on purpose")
 
 
 # -----------------------------------------------------------------------------
@@ -606,8 +269,8 @@ def launch(args, name, check, out):
     Rank 0 alone clears an --overwrite'n run too, once every rank has loaded
     (train(): out.start)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_ADDR" not in os.environ:
-        die("WORLD_SIZE is set but no launcher started this process: "
-            "run it with torchrun --nproc_per_node N (or unset WORLD_SIZE)")
+        cli.die("WORLD_SIZE is set but no launcher started this process: "
+                "run it with torchrun --nproc_per_node N (or unset WORLD_SIZE)")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -616,11 +279,11 @@ def launch(args, name, check, out):
         if rank() > 0:
             sys.stdout = open(os.devnull, "w")  # rank 0 alone prints (errors still reach stderr)
     if world() == 1:
-        return prepare_output_dir(args, name, check, out)
+        return cli.prepare_output_dir(args, name, check, out)
     settings = [None]
     if rank() == 0:
         try:
-            settings = [vars(prepare_output_dir(args, name, check, out))]
+            settings = [vars(cli.prepare_output_dir(args, name, check, out))]
         finally:  # on an error too: no rank waits for ever
             dist.broadcast_object_list(settings)
     else:
@@ -629,8 +292,8 @@ def launch(args, name, check, out):
             raise SystemExit(2)  # rank 0 has said why
         vars(args).update(settings[0])
     if args.batch_size < world():
-        die(f"--batch_size {args.batch_size} is the global batch, split over {world()} processes: "
-            f"make it at least {world()}")
+        cli.die(f"--batch_size {args.batch_size} is the global batch, split over {world()} "
+                f"processes: make it at least {world()}")
     return args
 
 
@@ -700,7 +363,8 @@ def hold_out(train_set, args):
     if not args.holdout:
         return train_set, None
     if not 0 < args.holdout < len(train_set):
-        die(f"--holdout {args.holdout}: give fewer examples than the {len(train_set)} of training")
+        cli.die(f"--holdout {args.holdout}: give fewer examples than the {len(train_set)} "
+                f"of training")
     order = np.random.default_rng(0).permutation(len(train_set)).tolist()
     return ([train_set[i] for i in order[args.holdout:]],
             [train_set[i] for i in order[:args.holdout]])
@@ -973,7 +637,7 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
     out = os.path.join(args.output_dir, "checkpoint")
     tmp, old = out + ".tmp", out + ".old"
     # checkpoint.old alone is the last checkpoint: never delete it
-    recover_checkpoint(args.output_dir)
+    cli.recover_checkpoint(args.output_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     state = dict(state, **method.state_dict(), optimizer=optimizer.state_dict(),
                  scheduler=scheduler.state_dict(), rng=torch.get_rng_state(),
@@ -990,8 +654,8 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
         last = (f"continue from its last checkpoint with --resume {args.output_dir}"
                 if os.path.isdir(out) else "start it again with --overwrite")
         why = getattr(e, "strerror", None) or str(e).strip()[:200]
-        die(f"could not write a checkpoint in {args.output_dir} ({why}): make room, then {last}",
-            code=1)
+        cli.die(f"could not write a checkpoint in {args.output_dir} ({why}): make room, "
+                f"then {last}", code=1)
     # the swap: a crash between the two renames leaves checkpoint.old, which recover_checkpoint()
     # puts back
     if os.path.exists(out):
@@ -1009,21 +673,22 @@ def load_checkpoint(args, method):
              f"--overwrite")
     for f in files:
         if not os.path.isfile(f):
-            die(f"--resume {args.output_dir}: {f} is missing; {again}")
+            cli.die(f"--resume {args.output_dir}: {f} is missing; {again}")
     try:  # tensors and plain containers only (weights_only): a checkpoint never needs more
         state = torch.load(files[0], weights_only=True)
     except Exception as e:
         # truncated (RuntimeError, EOFError), or not a torch.save() file (UnpicklingError)
-        die(f"--resume {args.output_dir}: {files[0]} is damaged or not a checkpoint of these "
-            f"scripts ({type(e).__name__}); {again}")
+        cli.die(f"--resume {args.output_dir}: {files[0]} is damaged or not a checkpoint of these "
+                f"scripts ({type(e).__name__}); {again}")
     need = {"step", "evals", "optimizer", "scheduler", "rng", "cuda_rng"}
     if not isinstance(state, dict) or not need <= set(state):
-        die(f"--resume {args.output_dir}: {files[0]} is not a checkpoint of these scripts; {again}")
+        cli.die(f"--resume {args.output_dir}: {files[0]} is not a checkpoint of these scripts; "
+                f"{again}")
     try:
         # flexlora.load_adapter checks all of the file before changing anything
         method.load_weights(files[1])
     except ValueError as e:
-        die(f"--resume {args.output_dir}: {e}; {again}")
+        cli.die(f"--resume {args.output_dir}: {e}; {again}")
     return state
 
 
@@ -1101,7 +766,8 @@ def build(args, model, targets, trainable, T, device):
     put back into all three (the adapter first, then the optimizer built on it)."""
     from transformers import get_linear_schedule_with_warmup
 
-    with user_errors():  # flexlora's checks of r, alpha, the window; a checkpoint that does not fit
+    # flexlora's checks of r, alpha, the window; a checkpoint that does not fit
+    with cli.user_errors():
         if args.method != "lora":  # (LoRA's rank never moves: no window)
             fit_window(args, T)
         if args.method == "flexlora":
@@ -1116,8 +782,8 @@ def build(args, model, targets, trainable, T, device):
         if state:
             restore(state, method, optimizer, scheduler)
     if args.resume and args.stop_after and args.stop_after <= state["step"]:
-        die(f"--stop_after {args.stop_after}: the checkpoint in {args.output_dir} is at step "
-            f"{state['step']} already; pass a later step, or none to finish the run")
+        cli.die(f"--stop_after {args.stop_after}: the checkpoint in {args.output_dir} is at step "
+                f"{state['step']} already; pass a later step, or none to finish the run")
     if args.method == "flexlora":
         # 0 only with --b0 0 (fit_delta)
         counts["planned_allocations"] = len(allocation_steps(args, T))
@@ -1157,9 +823,9 @@ class Divergence:
         kept = (f"the last good checkpoint (step {self.last_ckpt}) is kept in "
                 f"{self.args.output_dir}/checkpoint"
                 if self.last_ckpt is not None else "no checkpoint had been written")
-        die(f"training diverged: {what}. Nothing was saved from it; {kept}. Lower --lr or "
-            f"--lr_scale (the peak learning rate is {self.args.lr * self.args.lr_scale:g}) "
-            f"and run again", code=1)
+        cli.die(f"training diverged: {what}. Nothing was saved from it; {kept}. Lower --lr or "
+                f"--lr_scale (the peak learning rate is {self.args.lr * self.args.lr_scale:g}) "
+                f"and run again", code=1)
 
     def check(self, t, optimizer, weights=True):
         first = self.first_bad.item()
@@ -1359,19 +1025,19 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
                   best=best, allocation_stats=stats, wall_time_s=round(elapsed, 1), train_steps=T,
                   device=str(device), warnings=warnings)
     out = args.output_dir
-    with writing(args, os.path.join(out, "rank_history.json")):
-        write_json(os.path.join(out, "rank_history.json"), dict(
+    with cli.writing(args, os.path.join(out, "rank_history.json")):
+        cli.write_json(os.path.join(out, "rank_history.json"), dict(
             method=args.method, initial=initial_ranks, history=method.history, final=final_ranks))
-    with writing(args, f"the adapter in {out}"):
+    with cli.writing(args, f"the adapter in {out}"):
         method.save(out)
     if args.save_merged:  # ΔW folded into W: a plain transformers model, for serving
         folder = os.path.join(out, "merged")
-        with writing(args, folder):
+        with cli.writing(args, folder):
             method.merged().save_pretrained(folder)
             if processor is not None:
                 processor.save_pretrained(folder)
-    with writing(args, os.path.join(out, "metrics.json")):
-        write_json(os.path.join(out, "metrics.json"), result)  # last: a finished run has it
+    with cli.writing(args, os.path.join(out, "metrics.json")):
+        cli.write_json(os.path.join(out, "metrics.json"), result)  # last: a finished run has it
     print("final: " + " | ".join(f"{k} {v:.4f}" for k, v in evals[-1].items()
                                  if k not in ("step", "epoch")))
     print(f"best (step {best['step']}): {score_key} {best[score_key]:.4f}; {elapsed:.0f} s; "
@@ -1379,32 +1045,6 @@ def write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device
     for w in warnings:  # (kept in metrics.json's "warnings")
         print(f"warning: {w}")
     return result
-
-
-def write_json(path, obj):
-    try:
-        with open(path + ".tmp", "w") as f:  # then renamed: a crash never leaves half a file
-            json.dump(obj, f, indent=1)
-        os.replace(path + ".tmp", path)
-    finally:
-        if os.path.exists(path + ".tmp"):  # (a full disk)
-            os.remove(path + ".tmp")
-
-
-@contextmanager
-def writing(args, what):
-    """A full disk (or another write error) while writing `what`, an output of a finished run: one
-    line and exit 1. The checkpoint stays, from which --resume writes the outputs."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (OSError, RuntimeError, SafetensorError) as e:  # (torch's and safetensors' writers)
-        ckpt = os.path.join(args.output_dir, "checkpoint")
-        then = (f"--resume {args.output_dir} writes the outputs from its last checkpoint"
-                if os.path.isdir(ckpt) else "run it again")
-        why = getattr(e, "strerror", None) or str(e).strip()[:200] or type(e).__name__
-        die(f"could not write {what} ({why}): make room, then {then}", code=1)
 
 
 def provenance():

@@ -37,6 +37,9 @@ import warnings
 import numpy as np
 import torch
 
+import cli
+import loading
+
 # -----------------------------------------------------------------------------
 # The tasks
 
@@ -157,8 +160,8 @@ def load_tsv(data_dir, task):
     for split, name in files.items():
         path = os.path.join(folder, name + ".tsv")
         if not os.path.exists(path):
-            common.die(f"--data_dir {data_dir}: {path} is missing (the original GLUE layout is "
-                       f"<DIR>/{DATA[task][0]}/{{train,dev}}.tsv)")
+            cli.die(f"--data_dir {data_dir}: {path} is missing (the original GLUE layout is "
+                    f"<DIR>/{DATA[task][0]}/{{train,dev}}.tsv)")
         out[split] = read_tsv(path, task)
     return out
 
@@ -169,14 +172,14 @@ def load_hub(task):
     splits = {"train": "train"} | {"dev" + k: split for k, (_, split) in dev.items()}
     instead = (f"Pass --data_dir DIR with the GLUE TSVs (DIR/{DATA[task][0]}/train.tsv, dev.tsv), "
                f"or --smoke")
-    common.need_hub(f"GLUE {task} (nyu-mll/glue)", instead)
+    loading.need_hub(f"GLUE {task} (nyu-mll/glue)", instead)
     try:
         import datasets
 
         ds = datasets.load_dataset("nyu-mll/glue", task)
     except Exception as e:  # no network, no cache: say what to do instead
-        common.die(f"could not load GLUE {task} from the Hugging Face Hub ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0] if str(e) else ''}). {instead}")
+        cli.die(f"could not load GLUE {task} from the Hugging Face Hub ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). {instead}")
     return {k: ([ds[s][c] for c in DATA[task][1]], ds[s]["label"]) for k, s in splits.items()}
 
 
@@ -268,12 +271,12 @@ def load_model(args):
 
     # dtype float32: transformers 5 would keep a bf16 checkpoint in bf16; we train fp32 master
     # weights (and on CUDA compute under bf16 autocast)
-    model = common.from_pretrained(
+    model = loading.from_pretrained(
         AutoModelForSequenceClassification, args.model,
         num_labels=num_labels(args.task), dtype=torch.float32,
         ignore_mismatched_sizes=True, head=["classifier", "pooler"],  # a new head, the task's size
         problem_type="regression" if args.task == "stsb" else "single_label_classification")
-    return model, common.from_pretrained(AutoTokenizer, args.model)
+    return model, loading.from_pretrained(AutoTokenizer, args.model)
 
 
 # -----------------------------------------------------------------------------
@@ -306,7 +309,7 @@ def glue_metrics(task, logits, labels):
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     # data
     g = parser.add_argument_group("data")
     g.add_argument("--task", type=task_name, default="cola", help=", ".join(TASKS))
@@ -336,7 +339,7 @@ def get_args(argv=None):
         f"its own; `--task rte --help` shows RTE's.", 79)
     args = parser.parse_args(argv)
     if args.smoke and args.model is not None:
-        common.die(f"--smoke trains its own tiny model: drop --model {args.model}, or --smoke")
+        cli.die(f"--smoke trains its own tiny model: drop --model {args.model}, or --smoke")
     return args
 
 
@@ -345,24 +348,24 @@ def check_args(args):
     loaded."""
     common.check_args(args)
     if args.task not in TASKS:  # (a saved args.json)
-        common.die(f"--task {args.task!r}: must be one of {', '.join(TASKS)}")
+        cli.die(f"--task {args.task!r}: must be one of {', '.join(TASKS)}")
     for flag in ("max_length", "max_train_samples", "max_eval_samples"):
         v = getattr(args, flag)
         if v is not None and not (isinstance(v, int) and v >= 1):
-            common.die(f"--{flag} {v!r}: must be an integer >= 1")
+            cli.die(f"--{flag} {v!r}: must be an integer >= 1")
 
 
 def main(argv=None):
     args = get_args(argv)
     # Ctrl-C: how to continue, not a traceback (from here to the end)
-    with common.resumable(args) as out:
+    with cli.resumable(args) as out:
         args = common.launch(args, f"glue-{args.task}", check_args, out)  # --resume: its settings
         return run(args, out)
 
 
 def run(args, out):
     torch.manual_seed(args.seed)  # the head's initialisation (and the smoke model)
-    with common.user_errors():  # a file that is not what it should be: one line, exit 2
+    with cli.user_errors():  # a file that is not what it should be: one line, exit 2
         data = load_data(args)
         model, tokenizer = load_model(args)
     train_set, held = common.hold_out(encode(tokenizer, *data["train"], args.max_length), args)
@@ -387,7 +390,7 @@ def run(args, out):
                         for k, v in glue_metrics(args.task, logits, labels).items()}
         return metrics
 
-    with common.user_errors():
+    with cli.user_errors():
         targets = common.find_targets(model, TARGETS, args.target_modules)
     # the task head stays trainable (not adapted): the classifier, and the pooler where there is one
     names = [n for n, _ in model.named_modules()]
@@ -395,7 +398,7 @@ def run(args, out):
              if any(n == h or n.endswith("." + h) for n in names)]
     source = dict(model=f"smoke: a tiny random DeBERTa-v2 ({model.config.num_hidden_layers} "
                         f"layers, hidden {model.config.hidden_size})" if args.smoke else
-                        common.where(args.model),
+                        loading.where(args.model),
                   data=f"GLUE TSVs in {os.path.abspath(args.data_dir)}" if args.data_dir else
                   "smoke: built-in sentences with marker words" if args.smoke else
                   f"Hub: nyu-mll/glue {args.task}")

@@ -35,6 +35,9 @@ import zipfile
 import numpy as np
 import torch
 
+import cli
+import loading
+
 # -----------------------------------------------------------------------------
 # Defaults: VTAB-1k conventions (AdamW, 100 epochs, batch 64, no augmentation); the paper's ViT
 # budget is LoRA r = 14 on fc1 and fc2 of every block (1.29M parameters on ViT-B/16, its VTAB-1k
@@ -92,7 +95,7 @@ class HubColumn:
 
 def load_npz(path):
     if not os.path.isfile(path):
-        common.die(f"--data {path}: no such file or folder")
+        cli.die(f"--data {path}: no such file or folder")
     if not zipfile.is_zipfile(path):  # np.load would try to unpickle it
         raise ValueError(f"--data {path}: not a .npz archive "
                          f"(np.savez of x_train, y_train, x_test, y_test) nor an image folder")
@@ -173,14 +176,14 @@ def load_hub(name):
     repo, image_col, label_col = HUB.get(name, (name, None, None))
     instead = ("Pass --data with a .npz (x_train, y_train, x_test, y_test) or an image folder, "
                "or --smoke")
-    common.need_hub(f"--dataset {name} ({repo})", instead)
+    loading.need_hub(f"--dataset {name} ({repo})", instead)
     try:
         import datasets
 
         ds = datasets.load_dataset(repo)
     except Exception as e:  # no network, no cache: say what to do instead
-        common.die(f"could not load {repo!r} from the Hugging Face Hub ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0] if str(e) else ''}). {instead}")
+        cli.die(f"could not load {repo!r} from the Hugging Face Hub ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}). {instead}")
     test = "test" if "test" in ds else "validation"
     features = ds["train"].features
     # other datasets: the first Image column and the first ClassLabel column
@@ -290,16 +293,16 @@ def load_model(args, n_classes):
 
     # a fresh classifier of the right size (e.g. vit-tiny-cifar10 has 10 labels, CIFAR-100 needs
     # 100); float32 master weights even from a bf16 checkpoint (transformers 5 would keep its dtype)
-    return common.from_pretrained(AutoModelForImageClassification, args.model, num_labels=n_classes,
-                                  ignore_mismatched_sizes=True, dtype=torch.float32,
-                                  head=["classifier"])
+    return loading.from_pretrained(AutoModelForImageClassification, args.model, num_labels=n_classes,
+                                   ignore_mismatched_sizes=True, dtype=torch.float32,
+                                   head=["classifier"])
 
 
 # -----------------------------------------------------------------------------
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     # data
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100",
@@ -322,16 +325,16 @@ def get_args(argv=None):
     if smoke:
         parser.set_defaults(**SMOKE)
     else:  # the window's defaults are fractions of the run (default_window)
-        common.explain_defaults(parser, t_w=f"{WINDOW[0]:.0%} of the run's steps",
-                                t_f=f"{WINDOW[1]:.0%} of the run's steps",
-                                delta=f"{WINDOW[2]} steps")
+        cli.explain_defaults(parser, t_w=f"{WINDOW[0]:.0%} of the run's steps",
+                             t_f=f"{WINDOW[1]:.0%} of the run's steps",
+                             delta=f"{WINDOW[2]} steps")
     parser.epilog = ("The defaults shown are " + ("--smoke's" if smoke else "the full runs'; "
                                                   "`--smoke --help` shows the smoke run's") + ".")
     args = parser.parse_args(argv)
     for flag in ("model", "dataset"):
         if args.smoke and getattr(args, flag) is not None:
-            common.die(f"--smoke trains its own tiny model on its own images: "
-                       f"drop --{flag}, or --smoke")
+            cli.die(f"--smoke trains its own tiny model on its own images: "
+                    f"drop --{flag}, or --smoke")
     return args
 
 
@@ -341,13 +344,13 @@ def check_args(args):
     common.check_args(args)
     v = args.max_train_samples
     if v is not None and not (isinstance(v, int) and v >= 1):
-        common.die(f"--max_train_samples {v!r}: must be an integer >= 1")
+        cli.die(f"--max_train_samples {v!r}: must be an integer >= 1")
 
 
 def main(argv=None):
     args = get_args(argv)
     # Ctrl-C: how to continue, not a traceback (from here to the end)
-    with common.resumable(args) as out:
+    with cli.resumable(args) as out:
         args = common.launch(args, "vit-" + ("smoke" if args.smoke else os.path.basename(
             os.path.normpath(args.data)).split(".")[0] if args.data else args.dataset),
             check_args, out)
@@ -356,7 +359,7 @@ def main(argv=None):
 
 def run(args, out):
     torch.manual_seed(args.seed)  # the new head's initialisation (and the smoke model)
-    with common.user_errors():  # a file that is not what it should be: one line, exit 2
+    with cli.user_errors():  # a file that is not what it should be: one line, exit 2
         data, n_classes = load_data(args)
         model = load_model(args, n_classes)
     processor = image_processor(args, model.config)
@@ -379,13 +382,13 @@ def run(args, out):
             metrics["holdout_accuracy"] = top1(*common.predict(net, held, collate, args, notes))
         return metrics
 
-    with common.user_errors():
+    with cli.user_errors():
         targets = common.find_targets(model, [MLP + ATTN if args.attn else MLP],
                                       args.target_modules)
     c = model.config
     source = dict(model=f"smoke: a tiny random ViT ({c.num_hidden_layers} layers, "
                         f"hidden {c.hidden_size}, {c.image_size}x{c.image_size} images)"
-                        if args.smoke else common.where(args.model),
+                        if args.smoke else loading.where(args.model),
                   data=os.path.abspath(args.data) if args.data else
                   "smoke: built-in coloured squares on noise" if args.smoke else
                   f"Hub: {HUB.get(args.dataset, (args.dataset,))[0]}")

@@ -115,6 +115,9 @@ RUN_FILES = ("metrics.json", "rank_history.json", "adapter.safetensors", "adapte
              "checkpoint.tmp", "metrics.json.tmp", "rank_history.json.tmp")
 # the settings a run's checkpoint/args.json must hold (a run saved before a flag existed lacks it)
 SAVED = ("method", "r", "lr", "epochs", "batch_size", "seed")
+# flags these scripts no longer have, and the value that ran as today's code runs: a saved run
+# with it resumes, one with another value is refused
+RETIRED = {"gamma_warmup": 0}
 
 
 def recover_checkpoint(out_dir):
@@ -187,6 +190,11 @@ class OutputDir:
                     os.remove(path)
 
 
+def retired(config):
+    """The retired flags a saved run used at a value other than today's behaviour, as flags."""
+    return " ".join(f"--{k} {config[k]}" for k, v in RETIRED.items() if config.get(k, v) != v)
+
+
 def prepare_output_dir(args, name, check, out=None):
     """Pick the run directory (--resume: and the run's own settings), check the arguments with
     check(args), and refuse to go near another run unless asked to; `out` (an OutputDir) locks
@@ -209,6 +217,11 @@ def prepare_output_dir(args, name, check, out=None):
                 config = json.load(f)
         except (OSError, ValueError) as e:  # ValueError: broken JSON or not UTF-8
             config = f"unreadable ({type(e).__name__}: {e})"
+        if isinstance(config, dict) and retired(config):
+            die(f"--resume {args.resume}: that run was started with {retired(config)}, which these "
+                f"scripts no longer have; finish it with the version that started it")
+        if isinstance(config, dict):
+            config = {k: v for k, v in config.items() if k not in RETIRED}
         if isinstance(config, dict) and set(config) - set(vars(args)):
             unknown = sorted(set(config) - set(vars(args)))[:3]
             config = f"settings {unknown} unknown to this script (a run of the other script?)"

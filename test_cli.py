@@ -6,6 +6,7 @@ Run: python -m pytest -q test_cli.py   (offline, tiny models, well under a minut
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -191,6 +192,16 @@ def test_resume_from_damaged_checkpoints(tmp_path, capsys):
     with open(ckpt(lora, "adapter.safetensors"), "r+b") as fh:
         fh.truncate(100)
     assert ckpt(lora, "adapter.safetensors") in user_error(train_glue.main, ["--resume", lora], capsys)
+    # a run saved with a flag since retired: at the value that runs as today's code it resumes
+    old = read(part, "checkpoint/args.json")
+    msg = damaged("h", "args.json", json.dumps(dict(old, gamma_warmup=100)).encode())[0]
+    assert "--gamma_warmup 100, which these scripts no longer have" in msg
+    d = str(tmp_path / "i")
+    shutil.copytree(part, d)
+    with open(ckpt(d, "args.json"), "w") as fh:
+        json.dump(dict(old, gamma_warmup=0), fh)
+    train_glue.main(["--resume", d])
+    assert read(d, "rank_history.json")["final"]
     # a GLUE run resumed by the ViT script
     assert "unknown to this script" in user_error(train_vit.main, ["--resume", part], capsys)
     assert "no such directory" in user_error(train_glue.main, ["--resume", str(tmp_path / "nope")], capsys)

@@ -597,7 +597,7 @@ def test_init_flag_reaches_every_adapter_and_the_saved_file(tmp_path):
         assert {c["init"] for c in json.loads(f.metadata()["adapters"]).values()} == {"lora"}
 
 
-def test_orthonormal_init_and_gamma_warmup(tmp_path):
+def test_orthonormal_init():
     args = train_glue.get_args(["--smoke", "--init", "orthonormal"])
     model = train_glue.smoke_model("cola", 40)
     method = common.FlexLoRA(model, args, ["query_proj", "value_proj"], ["classifier"], total_steps=100)
@@ -605,10 +605,6 @@ def test_orthonormal_init_and_gamma_warmup(tmp_path):
         eye, P, Q = torch.eye(m.r), m.P[:, m.live], m.Q[m.live]
         assert torch.allclose(P.T @ P, eye, atol=1e-5) and torch.allclose(Q @ Q.T, eye, atol=1e-5)
     assert float(method.regularizer()) < 1e-4 and not any(m.Lambda.any() for m in flexlora.adapters(model).values())
-    # γ ramps up: with --gamma_warmup the first steps see less of R, so P and Q move less towards it
-    ramp = train_glue.main(GLUE_TINY + ["--gamma_warmup", "1000", "--gamma", "50", "--output_dir", str(tmp_path / "a")])
-    full = train_glue.main(GLUE_TINY + ["--gamma", "50", "--output_dir", str(tmp_path / "b")])
-    assert ramp["evals"] != full["evals"] or ramp["final"] != full["final"]
 
 
 def test_the_lora_baseline_has_no_allocation_window_to_note(tmp_path, capsys):

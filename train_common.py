@@ -98,8 +98,6 @@ def add_common_args(parser):
     # optimizer
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=float, help="peak learning rate of AdamW")
-    g.add_argument("--gamma_warmup", type=int, default=0,
-                   help="steps over which γ ramps up from 0 (0: none)")
     g.add_argument("--init", default="lora", choices=["lora", "gaussian", "orthonormal"],
                    help="FlexLoRA's directions at start (and when added): "
                         "lora (ours, README Deviations): P = 0, λ = 1, Q ~ N(0, 0.02²), "
@@ -164,7 +162,7 @@ def check_args(args):
     for flag, lo in (("r", 1), ("b0", 0), ("r_min", 1), ("batch_size", 1), ("epochs", 1),
                      ("seed", 0), ("stop_after", 0), ("eval_every", 1), ("ckpt_every", 0),
                      ("log_every", 1), ("eval_batch_size", 1), ("num_workers", 0),
-                     ("gamma_warmup", 0), ("holdout", 0)):
+                     ("holdout", 0)):
         need(flag, lambda v: is_int(v) and v >= lo, f"an integer >= {lo}")
     # None: default
     for flag, lo in (("t_w", 0), ("t_f", 0), ("delta", 1), ("r_max", 1), ("target_r", 1)):
@@ -601,11 +599,6 @@ def setup_method(model, args, targets, trainable, total_steps):
     return method, counts
 
 
-def gamma_at(args, t):
-    """γ at step t: --gamma, ramped up linearly over the first --gamma_warmup steps (0: none)."""
-    return args.gamma * min(1.0, t / args.gamma_warmup) if args.gamma_warmup else args.gamma
-
-
 def build_optimizer(net, args):
     # AdamW; FlexLoRA's λ, P, Q at their --*_lr_ratio × lr; no decay on biases and norms
     # (as HF's Trainer)
@@ -629,7 +622,7 @@ def save_checkpoint(args, method, optimizer, scheduler, state):
     loss, orth, n = state["logged"]
     loss = loss.clone()
     if world() > 1:  # called on every rank: it gathers their dropout streams; rank 0 alone writes
-        dist.all_reduce(loss)  # the global batch's, as log_line() sums it
+        dist.all_reduce(loss)  # the global batch's, as Meter.line() sums it
         state = dict(state, rank_rng=rank_rng())
         if rank() > 0:
             return
@@ -850,7 +843,7 @@ def step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence, d
     loss = loss * (share * world())  # DDP averages over ranks: the global batch's mean
     orth = method.regularizer()  # FlexLoRA's R
     if orth is not None:
-        loss = loss + gamma_at(args, t) * orth  # the paper's loss: task + γ·R
+        loss = loss + args.gamma * orth  # the paper's loss: task + γ·R
     loss.backward()
     finite = torch.isfinite(loss.detach())  # this rank's (Divergence.check asks every rank)
     if args.max_grad_norm > 0:
@@ -869,15 +862,43 @@ def step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence, d
     return task, None if orth is None else orth.detach()
 
 
-def log_line(args, method, optimizer, t, loss_sum, orth_sum, n, ms):
-    if world() > 1:
-        dist.all_reduce(loss_sum)  # the global batch's loss
-    line = f"step {t} | loss {loss_sum.item() / n:.4f}"
-    if args.method == "flexlora":
-        line += f" | orth {orth_sum.item() / n:.4f} | b(t) {method.budget(t)}"
-    g = optimizer.param_groups[0]  # the schedule's lr (λ, P and Q train at their multiples of it)
-    lr_now = args.lr * args.lr_scale * g["lr"] / g["initial_lr"]
-    return line + f" | rank {sum(method.ranks().values())} | lr {lr_now:.1e} | {ms:.0f} ms/step"
+class Meter:
+    """What a log line averages: the task loss and R summed since the last line (on the device:
+    read only when a line is printed) and the time per step, evaluations excluded."""
+
+    def __init__(self, device, logged=None):
+        self.loss, self.orth = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.n, self.timed, self.tick = 0, 0, time.time()
+        if logged is not None:  # the checkpoint's steps since its last line: the next line
+            loss, orth, self.n = logged  # averages them too, as the uninterrupted run's does
+            self.loss += loss.to(device) if rank() == 0 else 0  # (summed over the ranks: rank 0's)
+            self.orth += orth.to(device)
+
+    def add(self, task, orth):
+        self.loss += task
+        self.orth += 0.0 if orth is None else orth
+        self.n, self.timed = self.n + 1, self.timed + 1
+
+    def pause(self, seconds):
+        self.tick += seconds  # an evaluation does not count as step time
+
+    def logged(self):
+        return self.loss, self.orth, self.n
+
+    def line(self, args, method, optimizer, t):
+        """Step t's log line; the sums start again."""
+        ms = 1000 * (time.time() - self.tick) / self.timed
+        if world() > 1:
+            dist.all_reduce(self.loss)  # the global batch's loss
+        line = f"step {t} | loss {self.loss.item() / self.n:.4f}"
+        if args.method == "flexlora":
+            line += f" | orth {self.orth.item() / self.n:.4f} | b(t) {method.budget(t)}"
+        g = optimizer.param_groups[0]  # the schedule's lr (λ, P and Q train at multiples of it)
+        lr_now = args.lr * args.lr_scale * g["lr"] / g["initial_lr"]
+        self.loss.zero_(), self.orth.zero_()
+        self.n, self.timed, self.tick = 0, 0, time.time()
+        return (line + f" | rank {sum(method.ranks().values())} | lr {lr_now:.1e} | "
+                f"{ms:.0f} ms/step")
 
 
 def evaluation(evaluate, net, t, T, steps_per_epoch, divergence):
@@ -934,14 +955,7 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
              if world() > 1 else ""))
 
     net.train()
-    batches, t0, tick = None, time.time(), time.time()
-    loss_sum, orth_sum, n_logged = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    if "logged" in state:  # the steps since the last log line: the next one averages them too, as
-        loss, orth, n_logged = state["logged"]  # the uninterrupted run's line does
-        # (the sum over the ranks: rank 0 has it)
-        loss_sum += loss.to(device) if rank() == 0 else 0
-        orth_sum += orth.to(device)
-    timed = 0  # steps since tick
+    batches, t0, meter = None, time.time(), Meter(device, state.get("logged"))
     pbar = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True, disable=rank() > 0)
     divergence = Divergence(args, device, start if args.resume else None, pbar)
     for s in range(start, T):
@@ -956,17 +970,11 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
         t = s + 1  # optimizer steps taken, after this one
         task, orth = step(args, ddp, method, optimizer, scheduler, batch, share, t, divergence,
                           device)
-        loss_sum += task
-        orth_sum += 0.0 if orth is None else orth
-        n_logged += 1
-        timed += 1
+        meter.add(task, orth)
         pbar.update(1)
         if t % args.log_every == 0 or t == T:  # one log line every log_every steps
-            pbar.write(log_line(args, method, optimizer, t, loss_sum, orth_sum, n_logged,
-                                1000 * (time.time() - tick) / timed))
+            pbar.write(meter.line(args, method, optimizer, t))
             divergence.check(t, optimizer, weights=False)
-            loss_sum.zero_(), orth_sum.zero_()
-            n_logged, timed, tick = 0, 0, time.time()
 
         stop = t == args.stop_after and t < T  # (a stop simulates an interruption)
         evaluate_now, checkpoint_now = t % eval_steps == 0 or t == T, t % ckpt_steps == 0 or stop
@@ -978,11 +986,11 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
             record, final = evaluation(evaluate, net, t, T, steps_per_epoch, divergence)
             evals.append(record)
             collapsed = final or collapsed  # (the checkpoint at T keeps it, for a --resume at T)
-            tick += time.time() - tic  # evaluation does not count as step time
+            meter.pause(time.time() - tic)
         if checkpoint_now:
             save_checkpoint(args, method, optimizer, scheduler, dict(
                 step=t, evals=evals, initial_ranks=initial_ranks,
-                elapsed=elapsed + time.time() - t0, logged=(loss_sum, orth_sum, n_logged),
+                elapsed=elapsed + time.time() - t0, logged=meter.logged(),
                 collapsed=collapsed))
             divergence.last_ckpt = t
         if stop:

@@ -293,9 +293,9 @@ def load_model(args, n_classes):
 
     # a fresh classifier of the right size (e.g. vit-tiny-cifar10 has 10 labels, CIFAR-100 needs
     # 100); float32 master weights even from a bf16 checkpoint (transformers 5 would keep its dtype)
-    return loading.from_pretrained(AutoModelForImageClassification, args.model, num_labels=n_classes,
-                                   ignore_mismatched_sizes=True, dtype=torch.float32,
-                                   head=["classifier"])
+    return loading.from_pretrained(AutoModelForImageClassification, args.model,
+                                   num_labels=n_classes, ignore_mismatched_sizes=True,
+                                   dtype=torch.float32, head=["classifier"])
 
 
 # -----------------------------------------------------------------------------

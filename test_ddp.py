@@ -199,3 +199,25 @@ def test_a_user_error_is_one_line_from_rank_0(tmp_path):
     err = torchrun(script, TINY + ["--output_dir", str(tmp_path / "new"), "--batch_size", "1"], ok=False)
     assert err.count("error: ") == 1 and "--batch_size 1 is the global batch" in err, err[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(out) == ["metrics.json"]  # untouched
+
+
+# rank 0 cannot write the outputs (a full disk): every rank stops, and only rank 0 says why
+FULL = """
+import sys
+import cli, train_common, train_glue
+
+def full_disk(*a, **kw):
+    cli.die("could not write the outputs (No space left on device)", code=1)
+
+train_common.write_outputs = full_disk
+train_glue.main(sys.argv[1:])
+"""
+
+
+def test_rank_0_failing_at_the_end_stops_every_rank_in_one_line(tmp_path):
+    launcher, out = tmp_path / "full.py", str(tmp_path / "run")
+    launcher.write_text(FULL)
+    err = torchrun(str(launcher), TINY + ["--output_dir", out], ok=False)
+    assert err.count("error: ") == 1 and "No space left on device" in err, err[-3000:]
+    assert "DistBackendError" not in err and "Connection closed" not in err, err[-3000:]
+    assert os.path.isdir(os.path.join(out, "checkpoint"))  # the last checkpoint is kept

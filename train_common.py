@@ -273,7 +273,7 @@ def launch(args, name, check, out):
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
         if rank() > 0:
             sys.stdout = open(os.devnull, "w")  # rank 0 alone prints (errors still reach stderr)
     if world() == 1:
@@ -293,6 +293,19 @@ def launch(args, name, check, out):
         cli.die(f"--batch_size {args.batch_size} is the global batch, split over {world()} "
                 f"processes: make it at least {world()}")
     return args
+
+
+def leave(result):
+    """The end of train() under torchrun: every rank waits for rank 0's last writes, so all reach
+    the process's exit, and its teardown of the process group, together (a rank tearing gloo down
+    while another still worked aborted once in ~60 CI runs). Rank 0 died writing: exit 1 (it
+    said why)."""
+    if world() > 1:
+        try:
+            dist.barrier()
+        except RuntimeError:  # (DistBackendError is one): rank 0 is gone
+            raise SystemExit(1) from None
+    return result
 
 
 def wrap(net, device):
@@ -997,14 +1010,14 @@ def train(args, out, model, train_set, collate, evaluate, targets, trainable, sc
             pbar.close()
             print(f"stopped after step {t} (--stop_after); "
                   f"continue with --resume {args.output_dir}")
-            return None
+            return leave(None)
     pbar.close()
     elapsed += time.time() - t0
     if rank() > 0:
-        return None  # rank 0 writes the outputs
+        return leave(None)  # rank 0 writes the outputs
     run = dict(source or {}, train_examples=len(train_set), processes=world(), **provenance())
-    return write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device, score_key,
-                         run, processor, [collapsed] if collapsed else [])
+    return leave(write_outputs(args, method, counts, evals, initial_ranks, T, elapsed, device,
+                               score_key, run, processor, [collapsed] if collapsed else []))
 
 
 # -----------------------------------------------------------------------------

@@ -297,9 +297,9 @@ def launch(args, name, check, out):
 
 def leave(result):
     """The end of train() under torchrun: every rank waits for rank 0's last writes, so all reach
-    the process's exit, and its teardown of the process group, together (a rank tearing gloo down
-    while another still worked aborted once in ~60 CI runs). Rank 0 died writing: exit 1 (it
-    said why)."""
+    the process's exit, and its teardown of the process group, together (in CI a rank tearing
+    gloo down while rank 0 still wrote aborted once; not reproduced in 40 runs since). Rank 0
+    died writing: exit 1 (it said why)."""
     if world() > 1:
         try:
             dist.barrier()

@@ -27,7 +27,6 @@ from contextlib import contextmanager
 # User errors: one line and exit code 2, never a stack trace
 
 
-
 class UserError(SystemExit):
     """SystemExit with code 2 (argparse's, for a usage error) whose str() is the message."""
 
@@ -83,7 +82,6 @@ def resumable(args):
 
 # -----------------------------------------------------------------------------
 # --help
-
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -3,7 +3,7 @@
     callback = FlexLoRACallback(model, gamma=0.1, b0=4, t_warmup=200, t_final=200, interval=10)
     Trainer(model, args, train_dataset=ds, callbacks=[callback]).train()
     export_peft(model, "adapter")  # then: PeftModel.from_pretrained(base, "adapter")
-    flexlora.unload(model).save_pretrained("merged")  # a plain model again, for serving
+    flexlora_io.unload(model).save_pretrained("merged")  # a plain model again, for serving
 
 Unlike flexlora.py this file imports transformers (and peft, inside export_peft).
 """
@@ -202,7 +202,7 @@ def export_peft(model: nn.Module, out_dir: str, **config_kwargs):
         raise ValueError(f"export_peft writes a folder: {str(out_dir)!r} is "
                          f"{'empty' if not str(out_dir) else 'a file'}")
     if any(m.merged for m in layers.values()):
-        raise ValueError("an adapter is merged: call flexlora.unmerge(model) before export_peft")
+        raise ValueError("an adapter is merged: call flexlora_io.unmerge(model) before export_peft")
     dropouts = {m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0 for m in layers.values()}
     if len(dropouts) > 1:
         raise ValueError(f"the adapters have different dropouts {sorted(dropouts)}: PEFT has one")

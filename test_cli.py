@@ -19,6 +19,7 @@ import torch
 import cli
 import demo
 import flexlora
+import flexlora_io
 import loading
 import train_common as common
 import train_glue
@@ -226,7 +227,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
     args = train_glue.get_args(GLUE_TINY)
     model, _ = train_glue.load_model(args)
     flexlora.inject(model, train_glue.TARGETS[0], r=4, alpha=8, trainable=["classifier", "pooler"])
-    flexlora.load_adapter(model, os.path.join(out, "checkpoint", "adapter.safetensors"))  # refuses non-finite
+    flexlora_io.load_adapter(model, os.path.join(out, "checkpoint", "adapter.safetensors"))  # refuses non-finite
     # inside the window: the allocator's check of λ ends it the same way (and no checkpoint yet)
     msg = user_error(train_glue.main, GLUE_TINY + ["--lr", "1000", "--log_every", "100", "--output_dir",
                                                    str(tmp_path / "b")], capsys, code=1)
@@ -431,7 +432,7 @@ def test_a_full_disk_at_the_end_keeps_the_checkpoint(tmp_path, capsys, monkeypat
 
     out = str(tmp_path / "run")
     path = os.path.join(out, failing)
-    write_json, save_adapter = cli.write_json, flexlora.save_adapter
+    write_json, save_adapter = cli.write_json, flexlora_io.save_adapter
 
     def full_json(p, obj):
         if p == path:
@@ -444,7 +445,7 @@ def test_a_full_disk_at_the_end_keeps_the_checkpoint(tmp_path, capsys, monkeypat
         save_adapter(model, p)
 
     monkeypatch.setattr(cli, "write_json", full_json)  # was a raw OSError / SafetensorError
-    monkeypatch.setattr(flexlora, "save_adapter", full_adapter)
+    monkeypatch.setattr(flexlora_io, "save_adapter", full_adapter)
     msg = user_error(train_glue.main, GLUE_TINY + ["--output_dir", out], capsys, code=1)
     what = path if failing == "metrics.json" else f"the adapter in {out}"
     assert msg.startswith(f"could not write {what} (") and "No space left on device" in msg

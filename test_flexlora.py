@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import flexlora as fl
+import flexlora_io as fio
 from demo import Matrices, make_problem, train
 
 # most tests allocate without an optimizer on purpose; the warning itself has its own test
@@ -825,7 +826,7 @@ def test_non_finite_factors_or_scores_never_allocate_and_are_never_saved(tmp_pat
         alloc.step(1)
     assert fl.rank_pattern(model) == ranks and alloc.history == []
     with pytest.raises(ValueError, match="non-finite values.*nothing was written"):
-        fl.save_adapter(model, str(tmp_path / "a.safetensors"))
+        fio.save_adapter(model, str(tmp_path / "a.safetensors"))
     assert not (tmp_path / "a.safetensors").exists()
 
     class Broken(fl.RankAllocator):
@@ -859,7 +860,7 @@ def test_inject_skips_what_it_cannot_replace_and_unload_takes_a_bare_adapter():
         layer.Lambda[:2] = 1.0
     x = torch.randn(3, 4)
     out = layer(x)
-    plain = fl.unload(layer)
+    plain = fio.unload(layer)
     assert type(plain) is nn.Linear and torch.allclose(plain(x), out, atol=1e-6)
 
 
@@ -868,7 +869,7 @@ def test_adapter_metadata_nested_too_deep_is_one_clear_error(tmp_path):
     path = tmp_path / "deep.safetensors"
     save_file({"x": torch.zeros(1)}, path, metadata={"format": "flexlora", "adapters": "[" * 100000 + "]" * 100000})
     with pytest.raises(ValueError, match="cannot be loaded, nothing was changed"):
-        fl.load_adapter(matrices(n=2), str(path))
+        fio.load_adapter(matrices(n=2), str(path))
 
 
 # -----------------------------------------------------------------------------
@@ -968,15 +969,15 @@ def test_merge_unmerge_exact_and_idempotent():
     x = torch.randn(16, 8)
     w0 = {n: m.base.weight.detach().clone() for n, m in fl.adapters(model).items()}
     ref = model(x)
-    fl.merge(model)
-    fl.merge(model)  # a second merge does nothing
+    fio.merge(model)
+    fio.merge(model)  # a second merge does nothing
     assert torch.allclose(model(x), ref, atol=1e-6)
     for n, m in fl.adapters(model).items():
         assert m.merged and torch.allclose(m.base.weight, w0[n] + m.delta_weight(), atol=1e-6)
     with pytest.raises(ValueError, match="unmerge"):
         allocator(model).step(1)
-    fl.unmerge(model)
-    fl.unmerge(model)
+    fio.unmerge(model)
+    fio.unmerge(model)
     for n, m in fl.adapters(model).items():
         assert not m.merged and torch.allclose(m.base.weight, w0[n], atol=1e-6)
     assert torch.allclose(model(x), ref, atol=1e-6)
@@ -992,8 +993,8 @@ def test_merge_unmerge_cycle_error_is_what_the_docstring_says(dtype, tol):
     model = model.to(dtype)
     w0 = {n: m.base.weight.detach().clone() for n, m in fl.adapters(model).items()}
     peak = {n: (m.base.weight.float() + m.delta_weight().float()).abs().max() for n, m in fl.adapters(model).items()}
-    fl.merge(model)
-    fl.unmerge(model)
+    fio.merge(model)
+    fio.unmerge(model)
     errors = {n: (m.base.weight.float() - w0[n].float()).abs().max() / peak[n] for n, m in fl.adapters(model).items()}
     assert max(errors.values()) <= tol
     if dtype == torch.bfloat16:
@@ -1010,11 +1011,11 @@ def test_save_load_round_trip_restores_ranks_and_outputs(tmp_path):
     ranks = fl.rank_pattern(model)
     assert len(set(ranks.values())) > 1  # ranks really moved
     path = tmp_path / "adapter.safetensors"
-    fl.save_adapter(model, str(path))
+    fio.save_adapter(model, str(path))
     assert path.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
     _, fresh = make_problem(kw["planted"], d=16, seed=0)
     fl.inject(fresh, r"mats\.\d+", r=1, alpha=9.0)  # another r and alpha
-    fl.load_adapter(fresh, str(path))
+    fio.load_adapter(fresh, str(path))
     assert fl.rank_pattern(fresh) == ranks
     assert all(m.scaling == 1.0 and m.r_init == 3 for m in fl.adapters(fresh).values())
     x = torch.randn(8, 16)
@@ -1025,7 +1026,7 @@ def test_save_load_round_trip_restores_ranks_and_outputs(tmp_path):
     before = fresh(x)
     with torch.no_grad():
         model.mats[0].Lambda.mul_(2)
-    fl.save_adapter(model, str(path))
+    fio.save_adapter(model, str(path))
     assert torch.equal(fresh(x), before)
 
 
@@ -1036,12 +1037,12 @@ def test_files_from_before_the_slots_load_into_the_first_slots(tmp_path):
     tensors = {f"mats.{i}.{f}": t.clone() for i in range(2) for f, t in (("P", P), ("Lambda", lam), ("Q", Q))}
     config = {f"mats.{i}": {"r": 5, "r_init": 3, "alpha": 6.0} for i in range(2)}
     save_file(tensors, tmp_path / "old.safetensors", metadata={"format": "flexlora", "adapters": json.dumps(config)})
-    fl.load_adapter(model, str(tmp_path / "old.safetensors"))
+    fio.load_adapter(model, str(tmp_path / "old.safetensors"))
     m = model.mats[1]
     assert m.r == 5 and m.r_max == 6 and m.live.tolist() == [True] * 5 + [False]
     assert torch.equal(m.delta_weight(), 2.0 * P @ torch.diag(lam) @ Q)
     small = matrices(n=2, d=8, r=2)  # 4 slots, rank 5: room is made (new parameters)
-    fl.load_adapter(small, str(tmp_path / "old.safetensors"))
+    fio.load_adapter(small, str(tmp_path / "old.safetensors"))
     assert small.mats[0].r == small.mats[0].r_max == 5
 
 
@@ -1051,9 +1052,9 @@ def test_save_load_keeps_the_init(tmp_path):
     model = Matrices(2, 8)
     fl.inject(model, r"mats\.\d+", r=2, alpha=4, init="lora")
     path = str(tmp_path / "a.safetensors")
-    fl.save_adapter(model, path)
+    fio.save_adapter(model, path)
     fresh = matrices(n=2)  # injected with the paper's init
-    fl.load_adapter(fresh, path)
+    fio.load_adapter(fresh, path)
     assert {m.init for m in fl.adapters(fresh).values()} == {"lora"}
     with safe_open(path, "pt") as f:  # a file of before init: its adapters load as "gaussian"
         meta = f.metadata()
@@ -1064,39 +1065,39 @@ def test_save_load_keeps_the_init(tmp_path):
         other = Matrices(2, 8)
         fl.inject(other, r"mats\.\d+", r=2, alpha=4, init="lora")
         if ok:
-            fl.load_adapter(other, path)
+            fio.load_adapter(other, path)
             assert {m.init for m in fl.adapters(other).values()} == {"gaussian"}
         else:
             with pytest.raises(ValueError, match="init .'zeros'. is none of"):
-                fl.load_adapter(other, path)
+                fio.load_adapter(other, path)
 
 
 def test_save_load_restores_trainable_head(tmp_path):
     model, opt, _ = training_setup()
     with torch.no_grad():
         model.head.weight.fill_(0.5)
-    fl.save_adapter(model, str(tmp_path / "a.safetensors"))
+    fio.save_adapter(model, str(tmp_path / "a.safetensors"))
     other, _, _ = training_setup()
-    fl.load_adapter(other, str(tmp_path / "a.safetensors"))
+    fio.load_adapter(other, str(tmp_path / "a.safetensors"))
     assert torch.equal(other.head.weight, model.head.weight)
 
 
 def test_load_mismatch_names_the_module(tmp_path):
     model = matrices(n=3, d=8)
     path = str(tmp_path / "a.safetensors")
-    fl.save_adapter(model, path)
+    fio.save_adapter(model, path)
     fewer = Matrices(3, 8)
     fl.inject(fewer, r"mats\.(0|1)", r=2, alpha=4)
     with pytest.raises(ValueError, match=r"mats\.2"):
-        fl.load_adapter(fewer, path)
+        fio.load_adapter(fewer, path)
     wider = Matrices(3, 12)
     fl.inject(wider, r"mats\.\d+", r=2, alpha=4)
     with pytest.raises(ValueError, match=r"adapter mats\.0"):
-        fl.load_adapter(wider, path)
+        fio.load_adapter(wider, path)
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a flexlora"):
-        fl.load_adapter(model, str(tmp_path / "other.safetensors"))
+        fio.load_adapter(model, str(tmp_path / "other.safetensors"))
 
 
 def edit_config(edit):
@@ -1130,7 +1131,7 @@ CORRUPTIONS = {  # what a file can get wrong, each with the error it must give
     "alpha a string": (edit_config(lambda c: c["mats.5"].update(alpha="16")), "mats.5: alpha must be"),
     "config a list": (lambda T, m: m.update(adapters="[1, 2]"), "not a {module name"),
     "broken JSON": (lambda T, m: m.update(adapters="{'mats.0': "), "'adapters' metadata is broken JSON"),
-    "no adapters": (lambda T, m: m.pop("adapters"), "not a flexlora.save_adapter"),
+    "no adapters": (lambda T, m: m.pop("adapters"), "not a flexlora_io.save_adapter"),
     "adapter only in the file": (edit_config(lambda c: c.update({"mats.9": c["mats.0"]})), r"only in the file \['mats\.9'\]"),
 }
 
@@ -1144,17 +1145,17 @@ def test_load_adapter_is_all_or_nothing(tmp_path, case):
     saved, opt, _ = training_setup()
     allocator(saved, b0=2).step(1, opt)  # other ranks than a fresh model's, so a half-load shows
     path = str(tmp_path / "a.safetensors")
-    fl.save_adapter(saved, path)
+    fio.save_adapter(saved, path)
     with safe_open(path, "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     corrupt, msg = CORRUPTIONS[case]
     corrupt(tensors, meta)
     save_file(tensors, path, metadata=meta)
     model, _, _ = training_setup()
-    fl.merge(model)  # merged too: a half-load would have unmerged some
+    fio.merge(model)  # merged too: a half-load would have unmerged some
     snap, merged = snapshot(model), [m.merged for m in fl.adapters(model).values()]
     with pytest.raises(ValueError, match=msg) as e:
-        fl.load_adapter(model, path)
+        fio.load_adapter(model, path)
     assert "nothing was changed" in str(e.value) and path in str(e.value)
     assert_unchanged(model, snap)
     assert [m.merged for m in fl.adapters(model).values()] == merged
@@ -1164,12 +1165,12 @@ def test_load_adapter_path_errors(tmp_path):
     model = matrices(n=2)
     snap = snapshot(model)
     with pytest.raises(ValueError, match="is a directory: pass the file that save_adapter"):
-        fl.load_adapter(model, str(tmp_path))
+        fio.load_adapter(model, str(tmp_path))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="junk.safetensors cannot be loaded"):
-        fl.load_adapter(model, str(tmp_path / "junk.safetensors"))
+        fio.load_adapter(model, str(tmp_path / "junk.safetensors"))
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
-        fl.load_adapter(model, str(tmp_path / "nowhere.safetensors"))
+        fio.load_adapter(model, str(tmp_path / "nowhere.safetensors"))
     assert_unchanged(model, snap)
 
 
@@ -1301,14 +1302,14 @@ def test_numpy_scalars_are_numbers(tmp_path):
     alloc = fl.RankAllocator(model, b0=np.int64(1), t_warmup=np.int64(2), t_final=np.int32(2),
                              total_steps=np.int64(20), interval=np.int64(2), seed=np.uint8(1))
     json.dumps(alloc.state_dict()["config"])  # a checkpoint's metadata
-    fl.save_adapter(model, str(tmp_path / "a.safetensors"))
+    fio.save_adapter(model, str(tmp_path / "a.safetensors"))
     with pytest.raises(ValueError, match="r must"):
         fl.inject(Matrices(3, 8), r"mats\.\d+", r=np.bool_(True), alpha=1)
 
 
 def test_a_model_must_be_a_module():
     for call in (lambda: fl.inject({}, "x", r=1, alpha=1), lambda: fl.adapters(None),
-                 lambda: fl.rank_pattern([]), lambda: fl.merge("model"), lambda: fl.save_adapter({}, "a")):
+                 lambda: fl.rank_pattern([]), lambda: fio.merge("model"), lambda: fio.save_adapter({}, "a")):
         with pytest.raises(TypeError, match="expected a torch.nn.Module"):
             call()
 
@@ -1370,7 +1371,7 @@ def test_a_merged_adapter_cannot_train_and_its_state_dict_holds_the_unmerged_wei
     model = spectra_model()
     x = torch.randn(4, 8)
     ref = model(x).detach()
-    fl.merge(model)
+    fio.merge(model)
     assert not model(x).requires_grad  # P, Q, λ are out of a merged forward: no gradient moves them
     with pytest.raises(ValueError, match="merged: unmerge"):  # R would: refused
         fl.orthogonal_regularizer(model)
@@ -1388,32 +1389,32 @@ def test_merging_a_shared_weight_is_refused():
     model[1].weight = model[0].weight  # tied, as an lm_head with the input embedding
     fl.inject(model, ["0"], r=2, alpha=2)
     with pytest.raises(ValueError, match=r"the weight of 0.base.weight is also \['1.weight'\]"):
-        fl.merge(model)
+        fio.merge(model)
     with pytest.raises(ValueError, match="Untie it"):
-        fl.unload(model)
+        fio.unload(model)
     assert not model[0].merged
 
 
 def test_save_adapter_keeps_a_files_mode_and_a_symlink(tmp_path):
     model = spectra_model()
     target, link = tmp_path / "adapter.safetensors", tmp_path / "latest.safetensors"
-    fl.save_adapter(model, str(target))
+    fio.save_adapter(model, str(target))
     target.chmod(0o644)
     link.symlink_to(target)
-    fl.save_adapter(model, str(link))  # through the link: the target is rewritten, the link stays
+    fio.save_adapter(model, str(link))  # through the link: the target is rewritten, the link stays
     assert link.is_symlink() and (target.stat().st_mode & 0o777) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "latest.safetensors"]
     fresh = spectra_model()
-    fl.load_adapter(fresh, str(link))
+    fio.load_adapter(fresh, str(link))
     assert same(fresh.state_dict(), model.state_dict())
 
 
 def test_load_adapter_into_the_meta_device_says_to_materialize_first(tmp_path):
-    fl.save_adapter(spectra_model(), str(tmp_path / "a.safetensors"))
+    fio.save_adapter(spectra_model(), str(tmp_path / "a.safetensors"))
     with torch.device("meta"):
         model = spectra_model()
     with pytest.raises(ValueError, match="meta device.*to_empty"):
-        fl.load_adapter(model, str(tmp_path / "a.safetensors"))
+        fio.load_adapter(model, str(tmp_path / "a.safetensors"))
 
 
 # -----------------------------------------------------------------------------

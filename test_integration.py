@@ -24,6 +24,7 @@ from transformers import (BertConfig, BertForSequenceClassification, DebertaV2Co
                           get_linear_schedule_with_warmup)
 
 import flexlora as fl
+import flexlora_io as fio
 from flexlora_hf import FlexLoRACallback, export_peft
 
 HERE = Path(__file__).parent
@@ -90,16 +91,17 @@ def round_trip_peft(model, base, inputs, tmp_path, **config_kwargs):
 # Packaging
 
 
-def test_pip_wheel_holds_both_modules(tmp_path):
+def test_pip_wheel_holds_the_modules(tmp_path):
     # offline: no build isolation, no index, no dependencies; built from a copy, so the
     # worktree gets no build/ or egg-info
-    for f in ("pyproject.toml", "README.md", "flexlora.py", "flexlora_hf.py"):
+    modules = ("flexlora.py", "flexlora_io.py", "flexlora_gain.py", "flexlora_hf.py")
+    for f in ("pyproject.toml", "README.md") + modules:
         shutil.copy(HERE / f, tmp_path / f)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "--no-index", "-q", "-w", "dist", "."], cwd=tmp_path, check=True)
     wheel, = (tmp_path / "dist").glob("flexlora-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "flexlora.py" in names and "flexlora_hf.py" in names
+    assert all(m in names for m in modules)
     metadata = next(n for n in names if n.endswith("METADATA"))
     requires = [l for l in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
                 if l.startswith("Requires-Dist")]
@@ -160,10 +162,10 @@ def test_export_peft_vit(tmp_path):
 def test_export_peft_refuses_merged_and_stray_trainables(tmp_path):
     model = tiny_bert()
     fl.inject(model, ["query"], r=2, alpha=4)
-    fl.merge(model)
+    fio.merge(model)
     with pytest.raises(ValueError, match="merged"):
         export_peft(model, tmp_path)
-    fl.unmerge(model)
+    fio.unmerge(model)
     model.bert.encoder.layer[0].attention.self.query.base.bias.requires_grad_(True)
     with pytest.raises(ValueError, match="no place in a PEFT LoRA adapter"):
         export_peft(model, tmp_path)
@@ -181,7 +183,7 @@ def test_unload_save_pretrained_round_trip(tmp_path):
     model.eval()
     with torch.no_grad():
         before = model(x).logits
-    assert fl.unload(model) is model and not fl.adapters(model)
+    assert fio.unload(model) is model and not fl.adapters(model)
     assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith("query"))
     model.save_pretrained(tmp_path)
     loaded, info = BertForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float64,
@@ -384,7 +386,7 @@ def test_llama_inject_allocate_export_merge(tmp_path):
         assert rel_err(peft_model(input_ids=x).logits, logits) <= 1e-10
 
     # merge for serving: a plain LlamaForCausalLM folder, same logits and same greedy tokens
-    fl.unload(model).save_pretrained(tmp_path / "merged")
+    fio.unload(model).save_pretrained(tmp_path / "merged")
     served, info = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64,
                                                     output_loading_info=True)
     assert not any(info.values()), info
@@ -434,7 +436,8 @@ def test_docs_snippets(tmp_path, monkeypatch):
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     text = [{"input_ids": d["input_ids"], "labels": d["input_ids"]} for d in dataset()]
     ns = docs_namespace(LlamaForCausalLM(config).double(), tmp_path / "llama-run", text)
-    ns.update(FlexLoRACallback=FlexLoRACallback, Trainer=Trainer, export_peft=export_peft, fl=fl)
+    ns.update(FlexLoRACallback=FlexLoRACallback, Trainer=Trainer, export_peft=export_peft, fl=fl,
+              fio=fio)
     exec(snippets["Decoder LLMs (LLaMA)"], ns)
     assert len(ns["callback"].allocator.history) > 0
     assert (tmp_path / "llama-adapter" / "adapter_model.safetensors").is_file()

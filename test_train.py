@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import cli
 import flexlora
+import flexlora_io
 import train_common as common
 import train_glue
 import train_vit
@@ -58,7 +59,7 @@ def test_glue_smoke_end_to_end_and_reload(tmp_path):
     torch.manual_seed(args.seed)
     model, tokenizer = train_glue.load_model(args)
     flexlora.inject(model, train_glue.TARGETS[0], r=args.r, alpha=args.alpha, trainable=["classifier", "pooler"])
-    flexlora.load_adapter(model, os.path.join(out, "adapter.safetensors"))
+    flexlora_io.load_adapter(model, os.path.join(out, "adapter.safetensors"))
     assert flexlora.rank_pattern(model) == ranks["final"]
     dev = train_glue.encode(tokenizer, *train_glue.load_data(args)["dev"], args.max_length)
     from transformers import DataCollatorWithPadding
@@ -100,7 +101,7 @@ def test_vit_smoke_end_to_end_and_reload(tmp_path):
     data, n_classes = train_vit.load_data(args)
     model = train_vit.load_model(args, n_classes)
     flexlora.inject(model, train_vit.MLP, r=args.r, alpha=args.alpha, trainable=["classifier"])
-    flexlora.load_adapter(model, os.path.join(out, "adapter.safetensors"))
+    flexlora_io.load_adapter(model, os.path.join(out, "adapter.safetensors"))
     assert flexlora.rank_pattern(model) == ranks["final"]
     processor = train_vit.image_processor(args, model.config)
     x = processor(images=list(data["test"][0]), return_tensors="pt")["pixel_values"]

@@ -7,7 +7,7 @@ A run directory (--output_dir) ends up holding:
                          wall time
     rank_history.json    every rank allocation (FlexLoRA's RankAllocator.history, AdaLoRA's
                          masks)
-    adapter.safetensors  FlexLoRA: adapter + head, for flexlora.load_adapter
+    adapter.safetensors  FlexLoRA: adapter + head, for flexlora_io.load_adapter
                          (PEFT methods: adapter/)
     peft_adapter/        FlexLoRA: the same as a PEFT LoRA adapter, for PeftModel.from_pretrained
     merged/              with --save_merged: ΔW folded into W, a plain transformers model for
@@ -57,6 +57,7 @@ from tqdm import tqdm  # noqa: E402
 
 import cli  # noqa: E402
 import flexlora  # noqa: E402  (flexlora_hf, transformers, peft: imported where used: quick --help)
+import flexlora_io  # noqa: E402
 
 if AS_SCRIPT:
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -439,15 +440,15 @@ class FlexLoRA:
         self.allocator.load_state_dict(state["allocator"])
 
     def save_weights(self, path):
-        flexlora.save_adapter(self.net, path)
+        flexlora_io.save_adapter(self.net, path)
 
     def load_weights(self, path):
-        flexlora.load_adapter(self.net, path)  # into the same slots, before the optimizer is built
+        flexlora_io.load_adapter(self.net, path)  # into the same slots, before the optimizer is built
 
     def save(self, out_dir):
         import flexlora_hf
 
-        flexlora.save_adapter(self.net, os.path.join(out_dir, "adapter.safetensors"))
+        flexlora_io.save_adapter(self.net, os.path.join(out_dir, "adapter.safetensors"))
         # the same adapter as a PEFT LoRA one
         # (exact: lora_A = Q, lora_B = P diag(λ), per-module ranks)
         task = "SEQ_CLS" if type(self.net).__name__.endswith("ForSequenceClassification") else None
@@ -455,7 +456,7 @@ class FlexLoRA:
                                 base_model_name_or_path=self.net.config.name_or_path or None)
 
     def merged(self):
-        return flexlora.unload(copy.deepcopy(self.net))  # a copy: plain nn.Linear layers, W + ΔW
+        return flexlora_io.unload(copy.deepcopy(self.net))  # a copy: plain nn.Linear layers, W + ΔW
 
 
 class Peft:
@@ -691,7 +692,7 @@ def load_checkpoint(args, method):
         cli.die(f"--resume {args.output_dir}: {files[0]} is not a checkpoint of these scripts; "
                 f"{again}")
     try:
-        # flexlora.load_adapter checks all of the file before changing anything
+        # flexlora_io.load_adapter checks all of the file before changing anything
         method.load_weights(files[1])
     except ValueError as e:
         cli.die(f"--resume {args.output_dir}: {e}; {again}")

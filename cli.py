@@ -188,9 +188,14 @@ class OutputDir:
                     os.remove(path)
 
 
-def retired(config):
-    """The retired flags a saved run used at a value other than today's behaviour, as flags."""
-    return " ".join(f"--{k} {config[k]}" for k, v in RETIRED.items() if config.get(k, v) != v)
+def without_retired(config, where):
+    """config without the retired flags; die() if the run used one at another value than the one
+    that runs as today's code does."""
+    used = " ".join(f"--{k} {config[k]}" for k, v in RETIRED.items() if config.get(k, v) != v)
+    if used:
+        die(f"{where}: that run was started with {used}, which these scripts no longer have; "
+            f"finish it with the version that started it")
+    return {k: v for k, v in config.items() if k not in RETIRED}
 
 
 def prepare_output_dir(args, name, check, out=None):
@@ -215,11 +220,8 @@ def prepare_output_dir(args, name, check, out=None):
                 config = json.load(f)
         except (OSError, ValueError) as e:  # ValueError: broken JSON or not UTF-8
             config = f"unreadable ({type(e).__name__}: {e})"
-        if isinstance(config, dict) and retired(config):
-            die(f"--resume {args.resume}: that run was started with {retired(config)}, which these "
-                f"scripts no longer have; finish it with the version that started it")
         if isinstance(config, dict):
-            config = {k: v for k, v in config.items() if k not in RETIRED}
+            config = without_retired(config, f"--resume {args.resume}")
         if isinstance(config, dict) and set(config) - set(vars(args)):
             unknown = sorted(set(config) - set(vars(args)))[:3]
             config = f"settings {unknown} unknown to this script (a run of the other script?)"

@@ -227,7 +227,8 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, c
     args = train_glue.get_args(GLUE_TINY)
     model, _ = train_glue.load_model(args)
     flexlora.inject(model, train_glue.TARGETS[0], r=4, alpha=8, trainable=["classifier", "pooler"])
-    flexlora_io.load_adapter(model, os.path.join(out, "checkpoint", "adapter.safetensors"))  # refuses non-finite
+    # refuses non-finite values
+    flexlora_io.load_adapter(model, os.path.join(out, "checkpoint", "adapter.safetensors"))
     # inside the window: the allocator's check of λ ends it the same way (and no checkpoint yet)
     msg = user_error(train_glue.main, GLUE_TINY + ["--lr", "1000", "--log_every", "100", "--output_dir",
                                                    str(tmp_path / "b")], capsys, code=1)
@@ -320,7 +321,8 @@ def test_world_size_set_by_hand_says_to_use_a_launcher(tmp_path, capsys, monkeyp
 
 def test_default_folders_of_runs_started_in_one_second_differ(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    folders = {cli.prepare_output_dir(train_glue.get_args(["--smoke"]), "glue-cola", train_glue.check_args).output_dir
+    args = lambda: train_glue.get_args(["--smoke"])
+    folders = {cli.prepare_output_dir(args(), "glue-cola", train_glue.check_args).output_dir
                for _ in range(3)}
     assert len(folders) == 3
 

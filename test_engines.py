@@ -63,8 +63,8 @@ def test_ddp_wrapped_once_two_processes_are_alike_and_equal_one(tmp_path):
     # DDP wrapped once, through every allocation: both processes bit for bit alike, and equal to one
     # process over the whole batch up to float rounding. In float32 Adam's steps on gradients near 0
     # (lr · sign(g)) blow the all-reduce's ~1e-7 re-association up to 1e-5..1e-4, by CPU; in float64
-    # the same runs agree to 1e-6 (measured 6e-14; 6e-9 with warm_start=False), far inside the issue's
-    # 1e-5, so a real difference cannot hide in the tolerance
+    # the same runs agree to 1e-6 (measured 6e-14; 6e-9 with warm_start=False), far inside the
+    # issue's 1e-5, so a real difference cannot hide in the tolerance
     script = doc_script("Your own loop under DDP")
     f64 = script.replace("import flexlora as fl\n", "import flexlora as fl\n\n"
                          "torch.set_default_dtype(torch.float64)\n")

@@ -1309,7 +1309,8 @@ def test_numpy_scalars_are_numbers(tmp_path):
 
 def test_a_model_must_be_a_module():
     for call in (lambda: fl.inject({}, "x", r=1, alpha=1), lambda: fl.adapters(None),
-                 lambda: fl.rank_pattern([]), lambda: fio.merge("model"), lambda: fio.save_adapter({}, "a")):
+                 lambda: fl.rank_pattern([]), lambda: fio.merge("model"),
+                 lambda: fio.save_adapter({}, "a")):
         with pytest.raises(TypeError, match="expected a torch.nn.Module"):
             call()
 

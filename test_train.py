@@ -177,7 +177,8 @@ def test_ctrl_c_before_the_run_starts_leaves_the_old_run(tmp_path, monkeypatch):
     def interrupted(self, args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.OutputDir, "start", interrupted)  # Ctrl-C while the new run is still loading
+    # Ctrl-C while the new run is still loading
+    monkeypatch.setattr(cli.OutputDir, "start", interrupted)
     with pytest.raises(SystemExit) as e:
         train_glue.main(GLUE_TINY + ["--output_dir", out, "--overwrite"])
     assert e.value.code == 130 and f"interrupted before the run started: --output_dir {out} is as it was" in str(e.value)

@@ -443,7 +443,8 @@ class FlexLoRA:
         flexlora_io.save_adapter(self.net, path)
 
     def load_weights(self, path):
-        flexlora_io.load_adapter(self.net, path)  # into the same slots, before the optimizer is built
+        # into the same slots, before the optimizer is built
+        flexlora_io.load_adapter(self.net, path)
 
     def save(self, out_dir):
         import flexlora_hf
